@@ -1,0 +1,152 @@
+"""Load images from anything a user is likely to hold, as upright RGB PIL images."""
+
+from __future__ import annotations
+
+import io
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
+"""A path, URL, encoded bytes, PIL image or numpy array (HxW, HxWx3 or HxWx4)."""
+
+_URL_TIMEOUT_S = 30
+
+
+class ImageLoadError(ValueError):
+    """Raised when an image cannot be found, fetched or decoded. The message names it."""
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Return ``source`` as an RGB PIL image, turned upright according to its EXIF orientation.
+
+    Transparent images (RGBA, LA, P with transparency) are composited on white; grey, 16-bit,
+    palette and CMYK images are converted to RGB. The input is never modified.
+
+    Args:
+        source: A file path, an ``http(s)://`` URL, encoded image bytes, a PIL image, or a
+            numpy array of shape HxW, HxWx3 or HxWx4 (uint8, uint16, or floats in 0..1).
+
+    Returns:
+        A new RGB image.
+
+    Raises:
+        ImageLoadError: The file is missing or unreadable, the URL cannot be fetched, or the
+            array has an unsupported shape or type. The message names the source.
+
+    Example:
+        >>> import numpy as np
+        >>> load_image(np.zeros((4, 6), dtype=np.uint8)).size
+        (6, 4)
+    """
+    if isinstance(source, Image.Image):
+        image = source.copy()
+    elif isinstance(source, np.ndarray):
+        image = _from_array(source)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        image = _decode(bytes(source), "the given bytes")
+    elif isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if text.startswith(("http://", "https://")):
+            image = _decode(_fetch(text), text)
+        else:
+            image = _open_file(Path(text).expanduser())
+    else:
+        raise ImageLoadError(
+            f"Cannot read an image from a {type(source).__name__}: pass a path, URL, bytes, "
+            "PIL image or numpy array."
+        )
+    return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency on white and scaling 16-bit data."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        has_alpha = "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+        if image.mode == "RGB":
+            return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16"):
+        # 16-bit grey: keep the full range, 65535 maps to 255.
+        values = np.asarray(image, dtype=np.uint16)
+        return Image.fromarray((values >> 8).astype(np.uint8)).convert("RGB")
+    if image.mode in ("I", "F"):
+        # 32-bit integer or float data has no fixed range: stretch its own range to 0..255.
+        return Image.fromarray(_stretch(np.asarray(image))).convert("RGB")
+    return image.convert("RGB")
+
+
+def _open_file(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageLoadError(f"Image file not found: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"Expected an image file but {path} is a directory.")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"Could not read {path} as an image: {error}") from error
+
+
+def _decode(data: bytes, name: str) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"Could not read {name} as an image: {error}") from error
+
+
+def _fetch(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "florence-helpers"})
+    try:
+        with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S) as response:
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        raise ImageLoadError(f"Could not download the image at {url}: {error}") from error
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageLoadError(
+            f"Cannot read an image from an array of shape {array.shape}: "
+            "expected HxW, HxWx3 or HxWx4."
+        )
+    if array.size == 0:
+        raise ImageLoadError(f"Cannot read an image from an empty array of shape {array.shape}.")
+    if array.dtype == np.uint8:
+        data = array
+    elif array.dtype == np.uint16:
+        data = (array >> 8).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        data = array.astype(np.uint8) * 255
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageLoadError("Cannot read an image from an array with NaN or infinite values.")
+        data = (np.clip(array, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        data = _stretch(array)
+    else:
+        raise ImageLoadError(f"Cannot read an image from an array of dtype {array.dtype}.")
+    return Image.fromarray(np.ascontiguousarray(data))
+
+
+def _stretch(array: np.ndarray) -> np.ndarray:
+    """Scale an array's own value range linearly to uint8 0..255."""
+    values = array.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    scale = 255 / (high - low) if high > low else 0.0
+    return ((values - low) * scale + 0.5).astype(np.uint8)

@@ -1,0 +1,212 @@
+"""Load a native transformers Florence-2 checkpoint with its processor."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_ID = "florence-community/Florence-2-base"
+"""The checkpoint used when neither the argument nor ``FLORENCE_MODEL`` names one."""
+
+MODEL_ENV_VAR = "FLORENCE_MODEL"
+"""Environment variable that may name a hub id or a local directory."""
+
+CHECKPOINTS = (
+    "florence-community/Florence-2-base",
+    "florence-community/Florence-2-large",
+    "florence-community/Florence-2-base-ft",
+    "florence-community/Florence-2-large-ft",
+)
+"""Checkpoints in the native transformers format (no remote code)."""
+
+_HUB_PROBE_TIMEOUT_S = 10
+
+
+class ModelNotAvailableError(RuntimeError):
+    """Raised when a model can be found neither locally nor on the Hugging Face Hub."""
+
+
+@dataclass
+class FlorenceModel:
+    """A Florence-2 model and its processor, loaded together.
+
+    Attributes:
+        model: The ``Florence2ForConditionalGeneration`` in eval mode.
+        processor: The matching ``Florence2Processor``.
+        model_id: The hub id or directory it was loaded from.
+    """
+
+    model: Any
+    processor: Any
+    model_id: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def __repr__(self) -> str:
+        return f"FlorenceModel({self.model_id!r}, device={self.device}, dtype={self.dtype})"
+
+
+def resolve_model_id(model_id: str | os.PathLike | None = None) -> str:
+    """The argument if given, else ``$FLORENCE_MODEL``, else :data:`DEFAULT_MODEL_ID`."""
+    if model_id:
+        return os.fspath(model_id)
+    return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL_ID
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``"auto"``: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on CPU and MPS.
+
+    Florence-2 was trained in fp16, so half precision is safe on GPUs; CPUs are far faster in
+    fp32, and MPS gives wrong answers in fp16.
+    """
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPE_NAMES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(
+            f"Unknown dtype {dtype!r}: use 'auto', {', '.join(_DTYPE_NAMES)} or a torch.dtype."
+        ) from None
+
+
+def load_model(
+    model_id: str | os.PathLike | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> FlorenceModel:
+    """Load a Florence-2 model and its processor from the hub or a local directory.
+
+    Args:
+        model_id: A hub id such as ``"florence-community/Florence-2-large"`` or a local
+            directory. Defaults to ``$FLORENCE_MODEL``, then
+            ``"florence-community/Florence-2-base"``.
+        device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
+        dtype: ``"auto"`` (bf16/fp16 on CUDA, fp32 elsewhere), a name such as ``"fp16"``, or a
+            torch dtype.
+
+    Returns:
+        A :class:`FlorenceModel` holding the model (in eval mode, on ``device``) and processor.
+
+    Raises:
+        ModelNotAvailableError: The directory does not exist, or the hub cannot be reached
+            and there is no local copy. The message says how to point ``FLORENCE_MODEL`` at a
+            local directory.
+
+    Example:
+        >>> florence = load_model("florence-community/Florence-2-large")  # doctest: +SKIP
+        >>> florence.device  # doctest: +SKIP
+        device(type='cuda', index=0)
+    """
+    from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+    name = resolve_model_id(model_id)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    local_only = _check_source(name)
+    try:
+        processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
+        model = Florence2ForConditionalGeneration.from_pretrained(
+            name, dtype=torch_dtype, local_files_only=local_only
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelNotAvailableError(_unavailable_message(name, str(error))) from error
+    return FlorenceModel(model=model.to(target).eval(), processor=processor, model_id=name)
+
+
+def _check_source(name: str) -> bool:
+    """Decide whether to load from local files only; raise early when nothing can work.
+
+    Returns:
+        True when the model must come from local files (a directory, offline mode, or an
+        unreachable hub with a cached copy).
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(
+                f"{path} is a directory but holds no Florence-2 model (no config.json). "
+                f"Point {MODEL_ENV_VAR} at the folder that contains config.json."
+            )
+        return True
+    if name.startswith(("/", "./", "../", "~")) or path.exists() or name.count("/") > 1:
+        raise ModelNotAvailableError(f"No model directory at {path}.")
+    if name.lower().startswith("microsoft/florence-2"):
+        native = "florence-community/" + name.split("/", 1)[1]
+        raise ModelNotAvailableError(
+            f"{name} holds the original remote-code format, which current transformers cannot "
+            f"load without trust_remote_code. Use the native conversion {native!r} instead."
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    return not _hub_reachable(name)
+
+
+def _hub_reachable(name: str) -> bool:
+    """One quick request to the hub, so an offline machine fails in seconds, not minutes."""
+    import huggingface_hub
+
+    try:
+        huggingface_hub.model_info(name, timeout=_HUB_PROBE_TIMEOUT_S)
+    except huggingface_hub.errors.RepositoryNotFoundError as error:
+        raise ModelNotAvailableError(
+            f"There is no model {name!r} on the Hugging Face Hub (or it is private). "
+            f"Native Florence-2 checkpoints: {', '.join(CHECKPOINTS)}."
+        ) from error
+    except Exception:  # noqa: BLE001 - any transport failure means: go offline
+        return False
+    return True
+
+
+def _unavailable_message(name: str, detail: str) -> str:
+    first_line = detail.strip().splitlines()[0] if detail.strip() else ""
+    if Path(name).expanduser().is_dir():
+        return f"Could not load a Florence-2 model from {name}: {first_line}"
+    return (
+        f"Could not load the Florence-2 model {name!r}: the Hugging Face Hub could not be "
+        "reached and there is no local copy.\n"
+        "To use a copy on disk, download it on a machine with internet access, e.g.\n"
+        f"    hf download {name} --local-dir ./{name.split('/')[-1]}\n"
+        f"then point {MODEL_ENV_VAR} at that directory:\n"
+        f"    export {MODEL_ENV_VAR}=/path/to/{name.split('/')[-1]}\n"
+        "To try the pipeline offline with a tiny random-weight model (its answers are noise):\n"
+        "    python -m florence_helpers.testing /tmp/tiny-florence2\n"
+        f"    export {MODEL_ENV_VAR}=/tmp/tiny-florence2"
+    )

@@ -1,0 +1,134 @@
+"""Pixel coordinates to Florence-2 ``<loc_N>`` tokens and back.
+
+Florence-2 writes every coordinate as one of 1000 location tokens per axis. The native
+processor maps a pixel value ``v`` on an axis of ``size`` pixels to bin
+``floor(v / (size / 1000))`` clamped to 0..999, and a bin back to the bin's centre,
+``(bin + 0.5) * size / 1000``, truncated to a whole pixel. The functions here repeat that
+arithmetic (in float32, as the processor's torch code does) so that they agree with it exactly.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+NUM_BINS = 1000
+_LOC_TOKEN = re.compile(r"<loc_(\d+)>")
+
+
+class RegionError(ValueError):
+    """Raised for a region that is malformed or lies outside the image."""
+
+
+def _per_bin(size: Sequence[int]) -> np.ndarray:
+    width, height = size
+    return np.array([width / NUM_BINS, height / NUM_BINS], dtype=np.float32)
+
+
+def quantize(points: np.ndarray | Sequence[float], image_size: Sequence[int]) -> np.ndarray:
+    """Map pixel coordinates to location bins, exactly as the Florence-2 processor does.
+
+    Args:
+        points: Coordinates as ``x, y`` pairs: shape ``(..., 2)``, or ``(..., 4)`` for boxes.
+        image_size: ``(width, height)`` of the image in pixels.
+
+    Returns:
+        Integer bins in 0..999 with the input's shape.
+
+    Example:
+        >>> quantize([10, 20, 300, 400], (640, 480)).tolist()
+        [15, 41, 468, 833]
+    """
+    values = np.asarray(points, dtype=np.float32)
+    if values.shape[-1] not in (2, 4):
+        raise RegionError(f"Expected x, y pairs or x1, y1, x2, y2 boxes, got shape {values.shape}.")
+    per_bin = np.tile(_per_bin(image_size), values.shape[-1] // 2)
+    bins = np.floor(values / per_bin)
+    return np.clip(bins, 0, NUM_BINS - 1).astype(np.int64)
+
+
+def dequantize(bins: np.ndarray | Sequence[int], image_size: Sequence[int]) -> np.ndarray:
+    """Map location bins back to pixels (the bin centre, truncated like the processor does).
+
+    Args:
+        bins: Bins as ``x, y`` pairs: shape ``(..., 2)``, or ``(..., 4)`` for boxes.
+        image_size: ``(width, height)`` of the image in pixels.
+
+    Returns:
+        Integer pixel coordinates with the input's shape.
+
+    Example:
+        >>> dequantize([15, 41, 468, 833], (640, 480)).tolist()
+        [9, 19, 299, 400]
+    """
+    values = np.asarray(bins, dtype=np.float32)
+    if values.shape[-1] not in (2, 4):
+        raise RegionError(f"Expected x, y pairs or x1, y1, x2, y2 boxes, got shape {values.shape}.")
+    per_bin = np.tile(_per_bin(image_size), values.shape[-1] // 2)
+    return ((values + np.float32(0.5)) * per_bin).astype(np.int64)
+
+
+def check_box(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, float, float, float]:
+    """Check that ``box`` is ``(x1, y1, x2, y2)`` in pixels, non-empty and inside the image.
+
+    Raises:
+        RegionError: With what is wrong and the image size.
+    """
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise RegionError(
+            f"A region must be four numbers (x1, y1, x2, y2) in pixels, got {box!r}."
+        ) from None
+    width, height = image_size
+    if not all(np.isfinite([x1, y1, x2, y2])):
+        raise RegionError(f"Region {box!r} contains a value that is not a finite number.")
+    if x2 <= x1 or y2 <= y1:
+        raise RegionError(
+            f"Region {tuple(box)!r} is empty: it must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2."
+        )
+    if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+        raise RegionError(
+            f"Region {tuple(box)!r} lies outside the {width}x{height} image: "
+            f"x must be within 0..{width} and y within 0..{height}."
+        )
+    return x1, y1, x2, y2
+
+
+def box_to_loc_tokens(box: Sequence[float], image_size: Sequence[int]) -> str:
+    """Write a pixel box as the four ``<loc_N>`` tokens a region task expects.
+
+    Args:
+        box: ``(x1, y1, x2, y2)`` in pixels of the original image.
+        image_size: ``(width, height)`` of that image.
+
+    Returns:
+        A string such as ``"<loc_15><loc_41><loc_468><loc_833>"``.
+
+    Raises:
+        RegionError: The box is malformed, empty or outside the image.
+
+    Example:
+        >>> box_to_loc_tokens((10, 20, 300, 400), (640, 480))
+        '<loc_15><loc_41><loc_468><loc_833>'
+    """
+    bins = quantize(check_box(box, image_size), image_size)
+    return "".join(f"<loc_{b}>" for b in bins.tolist())
+
+
+def loc_tokens_to_box(tokens: str, image_size: Sequence[int]) -> tuple[int, int, int, int]:
+    """Read four ``<loc_N>`` tokens back as a pixel box (bin centres, like the processor).
+
+    Example:
+        >>> loc_tokens_to_box("<loc_15><loc_41><loc_468><loc_833>", (640, 480))
+        (9, 19, 299, 400)
+    """
+    bins = [int(b) for b in _LOC_TOKEN.findall(tokens)]
+    if len(bins) != 4 or any(b >= NUM_BINS for b in bins):
+        raise RegionError(
+            f"Expected exactly four tokens <loc_0>..<loc_{NUM_BINS - 1}>, got {tokens!r}."
+        )
+    x1, y1, x2, y2 = dequantize(bins, image_size).tolist()
+    return x1, y1, x2, y2

@@ -1,0 +1,207 @@
+"""Typed results for Florence-2 answers, parsed with the native processor's own parser.
+
+Every result keeps the task, the image size the coordinates refer to, the raw generated text
+(special tokens included, padding removed) and whether the answer was cut off by
+``max_new_tokens``. Coordinates are pixels of the original image.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .tasks import ResultKind, Task, TaskSpec, get_task
+
+_LOC_TOKEN = re.compile(r"<loc_\d+>")
+_SPECIAL_TOKENS = re.compile(r"</?s>|<pad>")
+
+
+@dataclass
+class Result:
+    """What all results share.
+
+    Attributes:
+        task: The task that produced it.
+        image_size: ``(width, height)`` of the original image.
+        raw: The generated text with special tokens, without padding.
+        truncated: True when generation hit ``max_new_tokens`` before the answer ended; the
+            parsed fields then hold only what parsed cleanly.
+    """
+
+    task: Task
+    image_size: tuple[int, int]
+    raw: str = field(repr=False)
+    truncated: bool = field(default=False, kw_only=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the result."""
+        return {
+            "task": self.task.value,
+            "image_size": list(self.image_size),
+            "truncated": self.truncated,
+            **self._payload(),
+            "raw": self.raw,
+        }
+
+    def _payload(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+@dataclass
+class TextResult(Result):
+    """A caption, OCR text, or the answer of a region task.
+
+    Attributes:
+        text: The answer without special or location tokens.
+    """
+
+    text: str = ""
+
+    def _payload(self) -> dict[str, Any]:
+        return {"text": self.text}
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass
+class BoxesResult(Result):
+    """Boxes with labels: detection, dense captions, proposals, grounding.
+
+    Attributes:
+        boxes: Float array of shape ``(N, 4)``, ``x1, y1, x2, y2`` in pixels.
+        labels: ``N`` labels; empty strings for region proposals.
+    """
+
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
+    labels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"boxes": self.boxes.tolist(), "labels": list(self.labels)}
+
+
+@dataclass
+class PolygonsResult(Result):
+    """Segmentation polygons: one or more polygons per instance.
+
+    Attributes:
+        polygons: For each instance, a list of float arrays of shape ``(K, 2)`` (x, y pixels).
+        labels: One label per instance (often empty: the phrase was yours).
+    """
+
+    polygons: list[list[np.ndarray]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "polygons": [[p.tolist() for p in instance] for instance in self.polygons],
+            "labels": list(self.labels),
+        }
+
+
+@dataclass
+class OCRResult(Result):
+    """Text lines with their quadrilaterals.
+
+    Attributes:
+        quads: Float array of shape ``(N, 4, 2)``: four ``(x, y)`` corners per line, in the
+            model's order (clockwise from top-left for upright text).
+        texts: ``N`` strings.
+    """
+
+    quads: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 2), dtype=np.float32))
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def _payload(self) -> dict[str, Any]:
+        return {"quads": self.quads.tolist(), "texts": list(self.texts)}
+
+
+AnyResult = TextResult | BoxesResult | PolygonsResult | OCRResult
+
+
+def clean_generated_text(text: str) -> str:
+    """Remove padding from a decoded generation (the native parser keeps ``<pad>`` in text)."""
+    return text.replace("<pad>", "")
+
+
+def parse_answer(
+    processor: Any,
+    raw: str,
+    task: str | Task | TaskSpec,
+    image_size: tuple[int, int],
+    *,
+    truncated: bool = False,
+) -> AnyResult:
+    """Parse one generated answer into a typed result.
+
+    Args:
+        processor: A Florence-2 processor (its ``post_process_generation`` does the parsing).
+        raw: The decoded generation, special tokens kept.
+        task: The task that was run.
+        image_size: ``(width, height)`` of the original image.
+        truncated: Whether generation stopped at ``max_new_tokens``.
+
+    Returns:
+        A :class:`TextResult`, :class:`BoxesResult`, :class:`PolygonsResult` or
+        :class:`OCRResult`, according to the task.
+
+    Example:
+        >>> result = parse_answer(processor, "</s><s>car<loc_52><loc_333><loc_932><loc_774></s>",
+        ...                       "OD", (1000, 1000))  # doctest: +SKIP
+        >>> result.labels, result.boxes.tolist()  # doctest: +SKIP
+        (['car'], [[52.0, 333.0, 932.0, 774.0]])
+    """
+    spec = get_task(task)
+    raw = clean_generated_text(raw)
+    size = (int(image_size[0]), int(image_size[1]))
+    common = {"task": spec.task, "image_size": size, "raw": raw, "truncated": truncated}
+    parsed = processor.post_process_generation(raw, task=spec.token, image_size=size)[spec.token]
+
+    if spec.result is ResultKind.TEXT:
+        text = _SPECIAL_TOKENS.sub("", _LOC_TOKEN.sub("", parsed)).strip()
+        return TextResult(**common, text=text)
+    if spec.result is ResultKind.OCR_REGIONS:
+        quads = _array(parsed["quad_boxes"], (-1, 4, 2))
+        return OCRResult(**common, quads=quads, texts=list(parsed["labels"]))
+    if spec.result is ResultKind.POLYGONS:
+        polygons = [_polygons(instance) for instance in parsed["polygons"]]
+        return PolygonsResult(**common, polygons=polygons, labels=list(parsed["labels"]))
+    if spec.task is Task.OPEN_VOCABULARY_DETECTION:
+        return _open_vocabulary(parsed, common)
+    return BoxesResult(**common, boxes=_array(parsed["bboxes"], (-1, 4)), labels=parsed["labels"])
+
+
+def _open_vocabulary(parsed: dict[str, Any], common: dict[str, Any]) -> BoxesResult:
+    """Merge the native split answer (boxes, polygons) into one list of boxes.
+
+    A polygon answer is represented by the box that encloses it.
+    """
+    boxes = list(parsed["bboxes"])
+    labels = list(parsed["bboxes_labels"])
+    for instance, label in zip(parsed["polygons"], parsed["polygons_labels"], strict=True):
+        points = np.concatenate([p for p in _polygons(instance)] or [np.zeros((0, 2))])
+        if len(points):
+            boxes.append([*points.min(axis=0), *points.max(axis=0)])
+            labels.append(label)
+    return BoxesResult(**common, boxes=_array(boxes, (-1, 4)), labels=labels)
+
+
+def _polygons(instance: list[list[float]]) -> list[np.ndarray]:
+    shapes = [_array(flat, (-1, 2)) for flat in instance]
+    return [shape for shape in shapes if len(shape) > 0]
+
+
+def _array(values: Any, shape: tuple[int, ...]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).reshape(shape)

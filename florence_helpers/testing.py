@@ -1,0 +1,259 @@
+"""An offline stand-in for Florence-2: a tiny model of the real classes, and forced decoding.
+
+``build_tiny_model`` writes, deterministically and without any download, a directory that
+``load_model`` reads like a real checkpoint: a ``Florence2ForConditionalGeneration`` with random
+weights and a few thousand parameters per layer, a byte-level BPE tokenizer trained here on a
+small corpus plus every Florence-2 special token (the 1000 ``<loc_N>`` tokens included), and a
+``Florence2Processor``. Its answers are noise: use it to exercise code, never to judge output.
+
+``force_answers`` makes the real ``generate()`` produce a known Florence-2 answer, so a test can
+check image → prompt → generate → parse → pixel coordinates end to end.
+
+Run ``python -m florence_helpers.testing DIR`` to write the tiny model to ``DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+FLORENCE_SPECIAL_TOKENS = (
+    ["<od>", "</od>", "<ocr>", "</ocr>"]
+    + [f"<loc_{i}>" for i in range(1000)]
+    + ["<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>"]
+    + ["<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>"]
+    + ["</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>"]
+)
+"""The tokens Florence-2 adds to BART's vocabulary, in the original order."""
+
+IMAGE_TOKEN = "<image>"
+
+# Prompts the processor writes, and words that answers in the tests and notebooks use.
+_CORPUS = [
+    "What is the text in the image?",
+    "What is the text in the image, with regions?",
+    "What does the image describe?",
+    "Describe in detail what is shown in the image.",
+    "Describe with a paragraph what is shown in the image.",
+    "Locate the objects with category name in the image.",
+    "Locate the objects in the image, with their descriptions.",
+    "Locate the region proposals in the image.",
+    "Locate the phrases in the caption:",
+    "Locate in the image with mask",
+    "What is the polygon mask of region",
+    "What is the region?",
+    "What does the region describe?",
+    "What text is in the region?",
+    "A green car parked in front of a yellow building.",
+    "A woman in a space suit holding a flag. A cat sitting on a wooden table.",
+    "person car door wheel dog cat bird coffee cup rocket astronaut flag",
+    "Florence notebooks: learn to read text, find objects and draw masks. 0123456789",
+]
+
+_TINY_IMAGE_SIDE = 64  # pixels the processor resizes to; the vision tower downsamples by 32
+_TINY_IMAGE_TOKENS = 1 + (_TINY_IMAGE_SIDE // 32) ** 2
+
+_POST_PROCESSOR_CONFIG: dict[str, Any] = {
+    "ocr": {"area_threshold": 0.0},
+    "phrase_grounding": {"banned_grounding_tokens": ["the image", "image", "it", "this", "a"]},
+    "pure_text": {},
+    "description_with_bboxes": {},
+    "description_with_polygons": {},
+    "polygons": {},
+    "bboxes": {},
+    "description_with_bboxes_or_polygons": {},
+}
+
+
+def build_tiny_tokenizer() -> Any:
+    """A BART-style byte-level BPE tokenizer trained on a small corpus, with Florence-2's tokens.
+
+    Ids follow BART's layout: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the learned
+    vocabulary, ``<mask>``, then Florence-2's special tokens and ``<image>`` last.
+    """
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        _CORPUS,
+        vocab_size=512,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        show_progress=False,
+    )
+    bpe.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    bpe.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in FLORENCE_SPECIAL_TOKENS]
+    )
+    bpe.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizer(
+        tokenizer_object=bpe._tokenizer,
+        image_token=IMAGE_TOKEN,
+        extra_special_tokens=FLORENCE_SPECIAL_TOKENS,
+    )
+
+
+def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight Florence-2 (model, tokenizer, processor) to ``path``.
+
+    The same seed gives byte-identical files. Building takes a few seconds on a CPU.
+
+    Args:
+        path: Directory to create or overwrite.
+        seed: Seed for the random weights.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`, ready for ``load_model(path)``.
+
+    Example:
+        >>> tiny = build_tiny_model("/tmp/tiny-florence2")  # doctest: +SKIP
+        >>> florence = load_model(tiny)  # doctest: +SKIP
+    """
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessorPil,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+
+    out = Path(path)
+    tokenizer = build_tiny_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        size={"height": _TINY_IMAGE_SIDE, "width": _TINY_IMAGE_SIDE},
+        do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    image_processor.image_seq_length = _TINY_IMAGE_TOKENS
+    processor = Florence2Processor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        post_processor_config=_POST_PROCESSOR_CONFIG,
+    )
+    text_config = BartConfig(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    config = Florence2Config(
+        vision_config={
+            "depths": [1, 1, 1, 1],
+            "embed_dim": [8, 16, 16, 32],
+            "num_heads": [1, 2, 2, 4],
+            "num_groups": [1, 2, 2, 4],
+            "window_size": 2,
+            "projection_dim": 32,
+            "drop_path_rate": 0.0,
+        },
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = Florence2ForConditionalGeneration(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(
+        "Tiny random-weight Florence-2 built by florence_helpers.testing.build_tiny_model.\n"
+        "Its answers are noise. It exists to test code offline.\n"
+    )
+    return out
+
+
+class ForcedAnswer(LogitsProcessor):
+    """A logits processor that makes ``generate()`` write given token sequences.
+
+    At every step each sequence's next token is forced (all other logits set to -inf);
+    once a sequence is exhausted, EOS is forced. Works with greedy and beam search and with
+    batches (one sequence per batch item; beams of an item follow their item's sequence).
+    """
+
+    def __init__(self, token_ids: Sequence[Sequence[int]], eos_token_id: int) -> None:
+        self.token_ids = [list(ids) for ids in token_ids]
+        self.eos_token_id = eos_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        per_item = rows // len(self.token_ids)
+        step = input_ids.shape[1] - 1  # position 0 holds the decoder start token
+        forced = torch.full_like(scores, float("-inf"))
+        for row in range(rows):
+            ids = self.token_ids[row // per_item]
+            forced[row, ids[step] if step < len(ids) else self.eos_token_id] = 0.0
+        return forced
+
+
+def answer_token_ids(processor: Any, answer: str) -> list[int]:
+    """Token ids of a Florence-2 answer, from ``<s>`` to ``</s>`` inclusive.
+
+    ``answer`` is written in Florence-2's output grammar, e.g.
+    ``"car<loc_52><loc_333><loc_932><loc_774>"``; a leading ``</s><s>`` or trailing ``</s>``
+    is accepted and not doubled.
+    """
+    tokenizer = processor.tokenizer
+    body = answer.removeprefix("</s>").removeprefix("<s>").removesuffix("</s>")
+    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+
+
+def force_answers(processor: Any, answers: str | Sequence[str]) -> Any:
+    """A ``logits_processor`` for ``generate()`` (or ``run``) that forces the given answers.
+
+    Args:
+        processor: The model's processor (its tokenizer encodes the answers).
+        answers: One answer, or one per image of the batch, in Florence-2's output grammar.
+
+    Returns:
+        A ``LogitsProcessorList`` to pass as ``logits_processor=``.
+
+    Example:
+        >>> forced = force_answers(florence.processor, "cat<loc_100><loc_200><loc_300><loc_400>")
+        ... # doctest: +SKIP
+        >>> run(florence, image, "OD", logits_processor=forced).labels  # doctest: +SKIP
+        ['cat']
+    """
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    ids = [answer_token_ids(processor, a) for a in answers]
+    return LogitsProcessorList([ForcedAnswer(ids, processor.tokenizer.eos_token_id)])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m florence_helpers.testing",
+        description="Write a tiny random-weight Florence-2 for offline tests (answers are noise).",
+    )
+    parser.add_argument("directory", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    out = build_tiny_model(args.directory, seed=args.seed)
+    print(json.dumps({"tiny_model": str(out)}))
+
+
+if __name__ == "__main__":
+    main()
