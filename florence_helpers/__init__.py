@@ -3,8 +3,8 @@
 Example:
     >>> from florence_helpers import load_model, run, plot_result
     >>> florence = load_model()  # doctest: +SKIP
-    >>> result = run(florence, "images/astronaut.png", "OD")  # doctest: +SKIP
-    >>> plot_result("images/astronaut.png", result)  # doctest: +SKIP
+    >>> result = run(florence, "images/astronaut.jpg", "OD")  # doctest: +SKIP
+    >>> plot_result("images/astronaut.jpg", result)  # doctest: +SKIP
 """
 
 from .images import ImageLoadError, load_image

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 
@@ -55,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _readable_json(payload: dict) -> str:
+    """Indented JSON with each innermost list of numbers (a box, a point) on one line."""
+    text = json.dumps(payload, ensure_ascii=False, indent=2)
+    return re.sub(r"\[\s+([-\d.,eE\s]+?)\s+\]", lambda m: f"[{' '.join(m.group(1).split())}]", text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -93,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(payload, ensure_ascii=False))
     else:
         payload.pop("raw")
-        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        print(_readable_json(payload))
     if result.truncated:
         print(
             f"warning: the answer hit --max-new-tokens={args.max_new_tokens} and was cut off; "

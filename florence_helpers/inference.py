@@ -74,7 +74,7 @@ def run(
 
     Example:
         >>> florence = load_model()  # doctest: +SKIP
-        >>> run(florence, "images/astronaut.png", "CAPTION").text  # doctest: +SKIP
+        >>> run(florence, "images/astronaut.jpg", "CAPTION").text  # doctest: +SKIP
         'A woman in a space suit holding a flag.'
     """
     spec = get_task(task)

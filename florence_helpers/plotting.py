@@ -80,7 +80,7 @@ def plot_result(
     Example:
         >>> import matplotlib.pyplot as plt
         >>> fig, ax = plt.subplots()  # doctest: +SKIP
-        >>> plot_result("images/astronaut.png", run(florence, "images/astronaut.png", "OD"), ax)
+        >>> plot_result("images/astronaut.jpg", run(florence, "images/astronaut.jpg", "OD"), ax)
         ... # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
@@ -163,7 +163,7 @@ def annotate(image: ImageSource, result: AnyResult) -> Image.Image:
         A new RGB image.
 
     Example:
-        >>> annotate("images/astronaut.png", result).save("annotated.png")  # doctest: +SKIP
+        >>> annotate("images/astronaut.jpg", result).save("annotated.png")  # doctest: +SKIP
     """
     picture = load_image(image)
     canvas = picture.convert("RGBA")

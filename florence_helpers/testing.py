@@ -126,6 +126,7 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
         Florence2ForConditionalGeneration,
         Florence2Processor,
     )
+    from transformers.utils import logging as hf_logging
 
     out = Path(path)
     tokenizer = build_tiny_tokenizer()
@@ -177,8 +178,14 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     finally:
         torch.random.set_rng_state(generator_state)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     (out / "README.md").write_text(
         "Tiny random-weight Florence-2 built by florence_helpers.testing.build_tiny_model.\n"
         "Its answers are noise. It exists to test code offline.\n"

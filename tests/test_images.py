@@ -1,0 +1,169 @@
+import http.server
+import io
+import threading
+from functools import partial
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from florence_helpers import ImageLoadError, load_image
+
+
+def _png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_path_and_str(tmp_path, photo):
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    for source in (path, str(path)):
+        image = load_image(source)
+        assert image.mode == "RGB"
+        assert image.size == (400, 300)
+        assert np.array_equal(np.asarray(image), np.asarray(photo))
+
+
+def test_missing_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageLoadError, match=r"Image file not found: .*nope\.jpg"):
+        load_image(missing)
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(ImageLoadError, match="is a directory"):
+        load_image(tmp_path)
+
+
+def test_unreadable_file_is_named(tmp_path):
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    with pytest.raises(ImageLoadError, match=r"Could not read .*notes\.jpg as an image"):
+        load_image(bad)
+
+
+def test_truncated_file_is_named(tmp_path, photo):
+    data = _png_bytes(photo, "JPEG")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=r"Could not read .*cut\.jpg as an image"):
+        load_image(cut)
+
+
+def test_bytes(photo):
+    assert load_image(_png_bytes(photo)).size == (400, 300)
+    with pytest.raises(ImageLoadError, match="Could not read the given bytes as an image"):
+        load_image(b"garbage")
+
+
+def test_url(tmp_path, photo):
+    photo.save(tmp_path / "photo.png")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert load_image(f"{base}/photo.png").size == (400, 300)
+        with pytest.raises(ImageLoadError, match=rf"Could not download the image at {base}/x"):
+            load_image(f"{base}/x.png")
+    finally:
+        server.shutdown()
+
+
+def test_unreachable_url_is_named():
+    with pytest.raises(ImageLoadError, match=r"Could not download the image at http://127\.0"):
+        load_image("http://127.0.0.1:9/photo.jpg")
+
+
+def test_exif_orientation_is_applied(photo):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = _png_bytes(photo, "JPEG", exif=exif)
+    assert Image.open(io.BytesIO(data)).size == (400, 300)
+    assert load_image(data).size == (300, 400)
+
+
+def test_transparency_is_composited_on_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    image = load_image(rgba)
+    assert image.mode == "RGB"
+    assert image.getpixel((1, 1)) == (255, 255, 255)
+    assert image.getpixel((0, 0)) == (255, 0, 0)
+    la = Image.new("LA", (2, 2), (0, 0))
+    assert load_image(la).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_with_transparency():
+    palette = Image.new("P", (2, 2), 1)
+    palette.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    palette.info["transparency"] = 0
+    palette.putpixel((0, 0), 0)
+    image = load_image(palette)
+    assert image.getpixel((0, 0)) == (255, 255, 255)
+    assert image.getpixel((1, 1)) == (0, 255, 0)
+
+
+@pytest.mark.parametrize(
+    ("mode", "value", "expected"),
+    [("L", 128, (128, 128, 128)), ("CMYK", (0, 255, 255, 0), (255, 0, 0))],
+)
+def test_other_modes_become_rgb(mode, value, expected):
+    image = load_image(Image.new(mode, (3, 3), value))
+    assert image.mode == "RGB"
+    assert image.getpixel((1, 1)) == expected
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    array = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    image = load_image(Image.fromarray(array))
+    assert [image.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255,) * 3]
+
+
+@pytest.mark.parametrize(
+    ("array", "pixel"),
+    [
+        (np.full((5, 7), 200, np.uint8), (200, 200, 200)),
+        (np.full((5, 7, 1), 10, np.uint8), (10, 10, 10)),
+        (np.full((5, 7, 3), (1, 2, 3), np.uint8), (1, 2, 3)),
+        (np.full((5, 7, 4), (9, 8, 7, 255), np.uint8), (9, 8, 7)),
+        (np.full((5, 7, 3), 1.0), (255, 255, 255)),
+        (np.full((5, 7), 65535, np.uint16), (255, 255, 255)),
+        (np.ones((5, 7), bool), (255, 255, 255)),
+    ],
+)
+def test_numpy_arrays(array, pixel):
+    image = load_image(array)
+    assert image.size == (7, 5)
+    assert image.getpixel((0, 0)) == pixel
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((2, 2, 2), np.uint8), "expected HxW, HxWx3 or HxWx4"),
+        (np.zeros(5, np.uint8), "expected HxW, HxWx3 or HxWx4"),
+        (np.zeros((0, 3), np.uint8), "empty array"),
+        (np.full((2, 2), np.nan), "NaN or infinite"),
+        (np.zeros((2, 2), complex), "dtype complex"),
+    ],
+)
+def test_bad_arrays_are_explained(array, message):
+    with pytest.raises(ImageLoadError, match=message):
+        load_image(array)
+
+
+def test_other_types_are_explained():
+    with pytest.raises(ImageLoadError, match="Cannot read an image from a int"):
+        load_image(42)
+
+
+def test_the_input_image_is_not_modified():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    before = rgba.tobytes()
+    load_image(rgba)
+    assert rgba.mode == "RGBA" and rgba.tobytes() == before

@@ -1,0 +1,118 @@
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from florence_helpers import DEFAULT_MODEL_ID, ModelNotAvailableError, load_model
+from florence_helpers.model import resolve_device, resolve_dtype, resolve_model_id
+from florence_helpers.testing import FLORENCE_SPECIAL_TOKENS, build_tiny_model
+
+
+def test_load_from_a_directory(florence, tiny_model_dir):
+    assert florence.model_id == str(tiny_model_dir)
+    assert florence.device.type == "cpu"
+    assert florence.dtype == torch.float32
+    assert not florence.model.training
+    assert type(florence.model).__name__ == "Florence2ForConditionalGeneration"
+    assert type(florence.processor).__name__ == "Florence2Processor"
+
+
+def test_model_id_comes_from_argument_then_env_then_default(monkeypatch):
+    monkeypatch.setenv("FLORENCE_MODEL", "/models/florence")
+    assert resolve_model_id("org/name") == "org/name"
+    assert resolve_model_id() == "/models/florence"
+    monkeypatch.delenv("FLORENCE_MODEL")
+    assert resolve_model_id() == DEFAULT_MODEL_ID == "florence-community/Florence-2-base"
+
+
+def test_env_var_is_used_by_load_model(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("FLORENCE_MODEL", str(tiny_model_dir))
+    assert load_model(device="cpu").model_id == str(tiny_model_dir)
+
+
+def test_device_and_dtype_choice():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float32
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    assert resolve_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="Unknown dtype 'float8'"):
+        resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_dtype_argument_is_applied(tiny_model_dir):
+    assert load_model(tiny_model_dir, device="cpu", dtype="bf16").dtype == torch.bfloat16
+
+
+def test_missing_directory_is_named(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match=r"No model directory at .*nowhere"):
+        load_model(tmp_path / "nowhere")
+
+
+def test_directory_without_a_model(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="holds no Florence-2 model"):
+        load_model(tmp_path)
+
+
+def test_remote_code_checkpoints_point_to_the_native_ones():
+    with pytest.raises(ModelNotAvailableError, match="'florence-community/Florence-2-large'"):
+        load_model("microsoft/Florence-2-large")
+
+
+def _offline_env(tmp_path) -> dict[str, str]:
+    """No cache and a hub endpoint that refuses connections: offline on any machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "FLORENCE_"))}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")
+    return env
+
+
+def test_offline_without_a_local_copy_gives_one_clear_error(tmp_path):
+    code = (
+        "from florence_helpers import load_model, ModelNotAvailableError\n"
+        "try:\n    load_model()\nexcept ModelNotAvailableError as e:\n    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "'florence-community/Florence-2-base'" in out
+    assert "Hugging Face Hub could not be reached" in out
+    assert "export FLORENCE_MODEL=" in out
+
+
+def _digest(directory) -> dict[str, str]:
+    return {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.iterdir())
+    }
+
+
+def test_tiny_model_is_deterministic(tmp_path, tiny_model_dir):
+    again = build_tiny_model(tmp_path / "again")
+    assert _digest(again) == _digest(tiny_model_dir)
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    assert _digest(other)["model.safetensors"] != _digest(tiny_model_dir)["model.safetensors"]
+
+
+def test_tiny_tokenizer_has_every_florence_token(processor):
+    tokenizer = processor.tokenizer
+    assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    ids = tokenizer.convert_tokens_to_ids(FLORENCE_SPECIAL_TOKENS)
+    assert ids == list(range(ids[0], ids[0] + len(FLORENCE_SPECIAL_TOKENS)))
+    assert (
+        tokenizer.convert_tokens_to_ids("<loc_999>") - tokenizer.convert_tokens_to_ids("<loc_0>")
+        == 999
+    )
+    assert processor.image_token == "<image>"
+    assert tokenizer.convert_tokens_to_ids("<image>") == len(tokenizer) - 1
+    # Location tokens are never split, and text round-trips.
+    text = "a red car<loc_0><loc_999><sep><poly>"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
