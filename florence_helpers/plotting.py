@@ -138,13 +138,15 @@ def plot_result(
 
 
 def _label(ax: Any, x: float, y: float, text: str, color: tuple[int, int, int]) -> None:
+    # Above the box, unless that would leave the image: then just inside its top edge.
+    image_height = abs(ax.get_ylim()[0] - ax.get_ylim()[1])
     ax.text(
         x,
         y,
         text,
         fontsize=8,
         color=_text_color(color),
-        va="bottom",
+        va="bottom" if y > 0.05 * image_height else "top",
         clip_on=True,
         bbox={"facecolor": _rgb01(color), "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
     )

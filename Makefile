@@ -1,0 +1,61 @@
+# Two entry points: `make demo` (the main job) and `make test` (everything CI checks).
+# Both create .venv and install into it first, so they work on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed only when the venv has none. Pick another build with e.g.
+# `make test TORCH=torch` (newest) or TORCH="torch --index-url <your wheel index>".
+TORCH ?= torch==2.13.0
+TINY_MODEL := .cache/tiny-florence2
+SAMPLE ?= images/astronaut.jpg
+TASK ?= OD
+
+.PHONY: install demo demo-offline test lint format notebooks clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+
+# Run a task on a sample image and write an annotated picture (needs the model: hub or
+# FLORENCE_MODEL). Without hub access it says so and points to `make demo-offline`.
+demo: install
+	@$(PY) -m florence_helpers $(SAMPLE) --task $(TASK) --out demo.png; \
+	status=$$?; \
+	if [ $$status -eq 3 ]; then \
+		echo ""; \
+		echo "No model could be loaded. To see the pipeline work offline with a tiny"; \
+		echo "random-weight model (its answers are noise), run: make demo-offline"; \
+	fi; \
+	exit $$status
+
+demo-offline: install
+	$(PY) -m florence_helpers.testing $(TINY_MODEL)
+	FLORENCE_MODEL=$(TINY_MODEL) $(PY) -m florence_helpers $(SAMPLE) --task $(TASK) \
+		--out demo.png --max-new-tokens 64
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) tools/notebooks.py check
+
+# Unit tests, doctests, and every notebook executed offline with the tiny model (nbval).
+test: lint
+	$(PY) -m pytest tests florence_helpers notebooks \
+		--doctest-modules --ignore=florence_helpers/__main__.py \
+		--nbval-lax --nbval-current-env
+
+format: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+# Re-run the notebooks and store only the outputs nbval checks (see tools/notebooks.py).
+notebooks: install
+	$(PY) tools/notebooks.py sync
+	$(PY) tools/notebooks.py outputs
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache demo.png
