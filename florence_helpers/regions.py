@@ -22,9 +22,14 @@ class RegionError(ValueError):
     """Raised for a region that is malformed or lies outside the image."""
 
 
-def _per_bin(size: Sequence[int]) -> np.ndarray:
+def _values_and_bin_size(values: object, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Values as float32 (the processor's precision) and the pixel width of a bin per column."""
+    array = np.asarray(values, dtype=np.float32)
+    if array.shape[-1] not in (2, 4):
+        raise RegionError(f"Expected x, y pairs or x1, y1, x2, y2 boxes, got shape {array.shape}.")
     width, height = size
-    return np.array([width / NUM_BINS, height / NUM_BINS], dtype=np.float32)
+    per_bin = np.array([width / NUM_BINS, height / NUM_BINS], dtype=np.float32)
+    return array, np.tile(per_bin, array.shape[-1] // 2)
 
 
 def quantize(points: np.ndarray | Sequence[float], image_size: Sequence[int]) -> np.ndarray:
@@ -41,10 +46,7 @@ def quantize(points: np.ndarray | Sequence[float], image_size: Sequence[int]) ->
         >>> quantize([10, 20, 300, 400], (640, 480)).tolist()
         [15, 41, 468, 833]
     """
-    values = np.asarray(points, dtype=np.float32)
-    if values.shape[-1] not in (2, 4):
-        raise RegionError(f"Expected x, y pairs or x1, y1, x2, y2 boxes, got shape {values.shape}.")
-    per_bin = np.tile(_per_bin(image_size), values.shape[-1] // 2)
+    values, per_bin = _values_and_bin_size(points, image_size)
     bins = np.floor(values / per_bin)
     return np.clip(bins, 0, NUM_BINS - 1).astype(np.int64)
 
@@ -63,10 +65,7 @@ def dequantize(bins: np.ndarray | Sequence[int], image_size: Sequence[int]) -> n
         >>> dequantize([15, 41, 468, 833], (640, 480)).tolist()
         [9, 19, 299, 400]
     """
-    values = np.asarray(bins, dtype=np.float32)
-    if values.shape[-1] not in (2, 4):
-        raise RegionError(f"Expected x, y pairs or x1, y1, x2, y2 boxes, got shape {values.shape}.")
-    per_bin = np.tile(_per_bin(image_size), values.shape[-1] // 2)
+    values, per_bin = _values_and_bin_size(bins, image_size)
     return ((values + np.float32(0.5)) * per_bin).astype(np.int64)
 
 
