@@ -7,6 +7,16 @@ Example:
     >>> plot_result("images/astronaut.jpg", result)  # doctest: +SKIP
 """
 
+from .conversions import (
+    coco_categories,
+    cutout,
+    from_coco,
+    polygons_to_mask,
+    to_coco,
+    to_mask,
+    to_masks,
+    to_supervision,
+)
 from .images import ImageLoadError, load_image
 from .inference import run
 from .model import (
@@ -16,7 +26,17 @@ from .model import (
     ModelNotAvailableError,
     load_model,
 )
-from .plotting import annotate, label_color, plot_result
+from .ocr import reading_order, to_lines
+from .plotting import (
+    annotate,
+    label_color,
+    plot_boxes,
+    plot_grid,
+    plot_ocr,
+    plot_polygons,
+    plot_region,
+    plot_result,
+)
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError, box_to_loc_tokens, dequantize, loc_tokens_to_box, quantize
 from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
@@ -41,17 +61,32 @@ __all__ = [
     "TaskSpec",
     "TextResult",
     "UnknownTaskError",
-    "box_to_loc_tokens",
     "annotate",
+    "box_to_loc_tokens",
     "build_prompt",
+    "coco_categories",
+    "cutout",
     "dequantize",
+    "from_coco",
     "get_task",
     "label_color",
     "load_image",
     "load_model",
     "loc_tokens_to_box",
     "parse_answer",
+    "plot_boxes",
+    "plot_grid",
+    "plot_ocr",
+    "plot_polygons",
+    "plot_region",
     "plot_result",
+    "polygons_to_mask",
     "quantize",
+    "reading_order",
     "run",
+    "to_coco",
+    "to_lines",
+    "to_mask",
+    "to_masks",
+    "to_supervision",
 ]

@@ -1,8 +1,16 @@
-"""Draw Florence-2 results: on a matplotlib ``ax`` you pass, or onto a copy of the image."""
+"""Draw Florence-2 results: on a matplotlib ``ax`` you pass, or onto a copy of the image.
+
+The ``plot_*`` functions show the image on ``ax`` (a new figure when you pass none), draw over
+it and return ``ax``. :func:`annotate` returns a new PIL image instead, for saving; the input
+image is never modified. A label always gets the same colour (:func:`label_color`), label text
+sits on a filled tag so it reads on dark and light photos, and boxes on the image border stay
+inside the picture.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +39,7 @@ _PALETTE = [
     (128, 128, 0),
     (0, 0, 128),
 ]
+_REGION_COLOR = (255, 255, 255)
 
 
 def label_color(label: str) -> tuple[int, int, int]:
@@ -44,13 +53,144 @@ def label_color(label: str) -> tuple[int, int, int]:
     return _PALETTE[digest[0] % len(_PALETTE)]
 
 
-def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
-    return (color[0] / 255, color[1] / 255, color[2] / 255)
+def _rgb01(color: tuple[int, int, int], alpha: float = 1.0) -> tuple[float, float, float, float]:
+    return (color[0] / 255, color[1] / 255, color[2] / 255, alpha)
 
 
 def _text_color(color: tuple[int, int, int]) -> str:
     luminance = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
     return "black" if luminance > 150 else "white"
+
+
+def _caption(label: str, scores: np.ndarray | None, index: int) -> str:
+    if scores is None:
+        return label
+    return f"{label} {float(scores[index]):.2f}".strip()
+
+
+def _show(image: ImageSource, ax: Any) -> tuple[Any, Image.Image]:
+    """Put the image on ``ax`` (or a new figure) with pixel coordinates and no frame."""
+    import matplotlib.pyplot as plt
+
+    picture = load_image(image)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 8 * picture.height / max(picture.width, 1)))
+    ax.imshow(picture)
+    ax.set_axis_off()
+    ax.set_xlim(-0.5, picture.width - 0.5)
+    ax.set_ylim(picture.height - 0.5, -0.5)
+    return ax, picture
+
+
+def _tag(ax: Any, x: float, y: float, text: str, color: tuple[int, int, int]) -> None:
+    """A filled label above (x, y), or just below it when that would leave the image."""
+    height = abs(ax.get_ylim()[0] - ax.get_ylim()[1])
+    ax.text(
+        x,
+        y,
+        text,
+        fontsize=8,
+        color=_text_color(color),
+        va="bottom" if y > 0.05 * height else "top",
+        clip_on=True,
+        bbox={"facecolor": _rgb01(color), "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
+    )
+
+
+def _inside(box: Sequence[float], size: tuple[int, int], margin: float) -> list[float]:
+    """Keep a box's outline inside the image so boxes at the border stay visible."""
+    width, height = size
+    x1, y1, x2, y2 = box
+    left, top = min(max(x1, margin), width - 1 - margin), min(max(y1, margin), height - 1 - margin)
+    right = max(min(x2, width - 1 - margin), left)
+    bottom = max(min(y2, height - 1 - margin), top)
+    return [left, top, right, bottom]
+
+
+def plot_boxes(image: ImageSource, result: BoxesResult, ax: Any = None) -> Any:
+    """Draw boxes with their labels (and scores when the result has them).
+
+    Args:
+        image: The image the result belongs to (anything :func:`load_image` accepts).
+        result: A :class:`BoxesResult`.
+        ax: Matplotlib axes to draw on; a new figure when omitted.
+
+    Returns:
+        The axes.
+
+    Example:
+        >>> boxes = run(florence, "images/astronaut.jpg", "OD")  # doctest: +SKIP
+        >>> plot_boxes("images/astronaut.jpg", boxes)  # doctest: +SKIP
+    """
+    from matplotlib.patches import Rectangle
+
+    ax, picture = _show(image, ax)
+    for i, (box, label) in enumerate(zip(result.boxes.tolist(), result.labels, strict=True)):
+        color = label_color(label)
+        x1, y1, x2, y2 = _inside(box, picture.size, 1)
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=_rgb01(color), lw=2))
+        text = _caption(label, result.scores, i)
+        if text:
+            _tag(ax, x1, y1, text, color)
+    return ax
+
+
+def plot_polygons(image: ImageSource, result: PolygonsResult, ax: Any = None) -> Any:
+    """Fill each instance's polygons semi-transparently and outline them.
+
+    An instance may have several polygons (an object split by an occluder); they share the
+    instance's colour.
+
+    Example:
+        >>> mask = run(florence, image, "REFERRING_EXPRESSION_SEGMENTATION", text="the cat")
+        ... # doctest: +SKIP
+        >>> plot_polygons(image, mask)  # doctest: +SKIP
+    """
+    from matplotlib.patches import Polygon
+
+    ax, _ = _show(image, ax)
+    for i, (shapes, label) in enumerate(zip(result.polygons, result.labels, strict=True)):
+        color = label_color(label)
+        for shape in shapes:
+            if len(shape) >= 2:
+                ax.add_patch(Polygon(shape, closed=True, fc=_rgb01(color, 0.4), ec=_rgb01(color)))
+        text = _caption(label, result.scores, i)
+        if text and shapes:
+            x, y = np.concatenate(shapes).min(axis=0)
+            _tag(ax, x, y, text, color)
+    return ax
+
+
+def plot_ocr(image: ImageSource, result: OCRResult, ax: Any = None) -> Any:
+    """Outline each text line's quadrilateral and write the text it holds.
+
+    Example:
+        >>> lines = run(florence, "images/poster.png", "OCR_WITH_REGION")  # doctest: +SKIP
+        >>> plot_ocr("images/poster.png", lines)  # doctest: +SKIP
+    """
+    from matplotlib.patches import Polygon
+
+    ax, _ = _show(image, ax)
+    for i, (quad, text) in enumerate(zip(result.quads, result.texts, strict=True)):
+        color = label_color(text)
+        ax.add_patch(Polygon(quad, closed=True, fill=False, ec=_rgb01(color), lw=2))
+        _tag(ax, quad[:, 0].min(), quad[:, 1].min(), _caption(text, result.scores, i), color)
+    return ax
+
+
+def plot_region(image: ImageSource, region: Sequence[float], ax: Any = None) -> Any:
+    """Outline the pixel box a region task was asked about (white with black dashes).
+
+    Example:
+        >>> plot_region("images/astronaut.jpg", (60, 100, 300, 500))  # doctest: +SKIP
+    """
+    from matplotlib.patches import Rectangle
+
+    ax, picture = _show(image, ax) if ax is None or not ax.images else (ax, None)
+    x1, y1, x2, y2 = region
+    for style in ({"ec": "white", "ls": "-"}, {"ec": "black", "ls": "--"}):
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=2.5, **style))
+    return ax
 
 
 def plot_result(
@@ -61,74 +201,34 @@ def plot_result(
     region: Sequence[float] | None = None,
     title: str | None = None,
 ) -> Any:
-    """Show ``image`` on ``ax`` with ``result`` drawn over it, and return ``ax``.
-
-    Boxes get their label; polygons are filled semi-transparently with an outline; OCR lines
-    get their quadrilateral and text; a text result becomes the title. Colours follow
-    :func:`label_color`.
+    """Draw any result with the right helper; a text result becomes the title.
 
     Args:
-        image: The image the result belongs to (anything :func:`load_image` accepts).
+        image: The image the result belongs to.
         result: What :func:`run` returned for it.
-        ax: A matplotlib axes; a new figure is made when omitted.
-        region: The pixel box a region task was asked about, drawn dashed.
+        ax: Matplotlib axes; a new figure when omitted.
+        region: The pixel box a region task was asked about, outlined.
         title: Overrides the default title (the task name, or the text of a text result).
 
     Returns:
-        The axes drawn on.
+        The axes.
 
     Example:
         >>> import matplotlib.pyplot as plt
         >>> fig, ax = plt.subplots()  # doctest: +SKIP
-        >>> plot_result("images/astronaut.jpg", run(florence, "images/astronaut.jpg", "OD"), ax)
+        >>> plot_result("images/cat.jpg", run(florence, "images/cat.jpg", "OD"), ax)
         ... # doctest: +SKIP
     """
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Polygon, Rectangle
-
-    picture = load_image(image)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 8 * picture.height / max(picture.width, 1)))
-    ax.imshow(picture)
-    ax.set_axis_off()
-    width, height = picture.size
-    ax.set_xlim(-0.5, width - 0.5)
-    ax.set_ylim(height - 0.5, -0.5)
-
     if isinstance(result, BoxesResult):
-        for (x1, y1, x2, y2), label in zip(result.boxes.tolist(), result.labels, strict=True):
-            color = label_color(label)
-            ax.add_patch(
-                Rectangle(
-                    (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=_rgb01(color), linewidth=2
-                )
-            )
-            if label:
-                _label(ax, x1, y1, label, color)
+        ax = plot_boxes(image, result, ax)
     elif isinstance(result, PolygonsResult):
-        for shapes, label in zip(result.polygons, result.labels, strict=True):
-            color = label_color(label)
-            for shape in shapes:
-                if len(shape) < 2:
-                    continue
-                ax.add_patch(Polygon(shape, closed=True, facecolor=(*_rgb01(color), 0.35)))
-                ax.add_patch(Polygon(shape, closed=True, fill=False, edgecolor=_rgb01(color)))
-            if label and shapes:
-                x, y = np.concatenate(shapes).min(axis=0)
-                _label(ax, x, y, label, color)
+        ax = plot_polygons(image, result, ax)
     elif isinstance(result, OCRResult):
-        for quad, text in zip(result.quads, result.texts, strict=True):
-            color = label_color(text)
-            ax.add_patch(Polygon(quad, closed=True, fill=False, edgecolor=_rgb01(color), lw=2))
-            _label(ax, quad[:, 0].min(), quad[:, 1].min(), text, color)
+        ax = plot_ocr(image, result, ax)
+    else:
+        ax, _ = _show(image, ax)
     if region is not None:
-        x1, y1, x2, y2 = region
-        ax.add_patch(
-            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linewidth=2.5)
-        )
-        ax.add_patch(
-            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="black", ls="--", lw=2.5)
-        )
+        plot_region(image, region, ax)
     if title is None:
         title = result.task.name
         if isinstance(result, TextResult):
@@ -137,82 +237,102 @@ def plot_result(
     return ax
 
 
-def _label(ax: Any, x: float, y: float, text: str, color: tuple[int, int, int]) -> None:
-    # Above the box, unless that would leave the image: then just inside its top edge.
-    image_height = abs(ax.get_ylim()[0] - ax.get_ylim()[1])
-    ax.text(
-        x,
-        y,
-        text,
-        fontsize=8,
-        color=_text_color(color),
-        va="bottom" if y > 0.05 * image_height else "top",
-        clip_on=True,
-        bbox={"facecolor": _rgb01(color), "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
-    )
+def plot_grid(
+    images: Sequence[ImageSource],
+    results: Sequence[AnyResult],
+    *,
+    columns: int = 3,
+    titles: Sequence[str] | None = None,
+    size: float = 4.0,
+) -> Any:
+    """Draw several results side by side, one image per panel; returns the figure.
+
+    Args:
+        images: One image per result (the same image may repeat, e.g. one per task).
+        results: The results to draw.
+        columns: Panels per row.
+        titles: Optional panel titles; by default each result's own.
+        size: Width and height of one panel in inches.
+
+    Example:
+        >>> results = run(florence, paths, "CAPTION")  # doctest: +SKIP
+        >>> plot_grid(paths, results, columns=4)  # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    if len(images) != len(results):
+        raise ValueError(f"Got {len(images)} images for {len(results)} results.")
+    count = max(len(results), 1)
+    columns = max(1, min(columns, count))
+    rows = math.ceil(count / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    for index, ax in enumerate(axes.flat):
+        if index >= len(results):
+            ax.set_axis_off()
+            continue
+        title = titles[index] if titles is not None else None
+        plot_result(images[index], results[index], ax, title=title)
+    fig.tight_layout()
+    return fig
 
 
-def annotate(image: ImageSource, result: AnyResult) -> Image.Image:
-    """Return a copy of ``image`` with ``result`` drawn on it (for saving or the CLI).
+def annotate(
+    image: ImageSource, result: AnyResult, *, region: Sequence[float] | None = None
+) -> Image.Image:
+    """Return a copy of ``image`` with ``result`` drawn on it (for saving, or the CLI).
 
     The input image is never modified.
 
     Args:
         image: The image the result belongs to.
         result: What :func:`run` returned for it.
+        region: The pixel box a region task was asked about, outlined.
 
     Returns:
-        A new RGB image.
+        A new RGB image of the same size.
 
     Example:
-        >>> annotate("images/astronaut.jpg", result).save("annotated.png")  # doctest: +SKIP
+        >>> annotate("images/astronaut.jpg", boxes).save("annotated.png")  # doctest: +SKIP
     """
-    picture = load_image(image)
-    canvas = picture.convert("RGBA")
+    canvas = load_image(image).convert("RGBA")
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     line = max(2, round(max(canvas.size) / 300))
     font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 50)))
-    labels: list[tuple[float, float, str, tuple[int, int, int]]] = []
+    tags: list[tuple[float, float, str, tuple[int, int, int]]] = []
 
     if isinstance(result, BoxesResult):
-        for box, label in zip(result.boxes.tolist(), result.labels, strict=True):
+        for i, (box, label) in enumerate(zip(result.boxes.tolist(), result.labels, strict=True)):
             color = label_color(label)
-            draw.rectangle(_inside(box, canvas.size, line), outline=(*color, 255), width=line)
-            if label:
-                labels.append((box[0], box[1], label, color))
+            draw.rectangle(_inside(box, canvas.size, 0), outline=(*color, 255), width=line)
+            if text := _caption(label, result.scores, i):
+                tags.append((box[0], box[1], text, color))
     elif isinstance(result, PolygonsResult):
-        for shapes, label in zip(result.polygons, result.labels, strict=True):
+        for i, (shapes, label) in enumerate(zip(result.polygons, result.labels, strict=True)):
             color = label_color(label)
             for shape in shapes:
                 if len(shape) >= 3:
                     points = [tuple(p) for p in shape.tolist()]
-                    draw.polygon(points, fill=(*color, 90), outline=(*color, 255), width=line)
-            if label and shapes:
+                    draw.polygon(points, fill=(*color, 100), outline=(*color, 255), width=line)
+            if (text := _caption(label, result.scores, i)) and shapes:
                 x, y = np.concatenate(shapes).min(axis=0)
-                labels.append((x, y, label, color))
+                tags.append((x, y, text, color))
     elif isinstance(result, OCRResult):
-        for quad, text in zip(result.quads.tolist(), result.texts, strict=True):
+        for i, (quad, text) in enumerate(zip(result.quads.tolist(), result.texts, strict=True)):
             color = label_color(text)
             draw.polygon([tuple(p) for p in quad], outline=(*color, 255), width=line)
-            labels.append((min(p[0] for p in quad), min(p[1] for p in quad), text, color))
+            x, y = min(p[0] for p in quad), min(p[1] for p in quad)
+            tags.append((x, y, _caption(text, result.scores, i), color))
     elif isinstance(result, TextResult):
-        labels.append((0, 0, textwrap.shorten(result.text, 120) or "(empty)", (0, 0, 0)))
+        tags.append((0, 0, textwrap.shorten(result.text, 120) or "(empty)", (0, 0, 0)))
+    if region is not None:
+        draw.rectangle(_inside(region, canvas.size, 0), outline=(*_REGION_COLOR, 255), width=line)
 
-    for x, y, text, color in labels:
+    for x, y, text, color in tags:
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         w, h = right - left + 4, bottom - top + 4
         x = min(max(0, x), max(0, canvas.width - w))
-        y = y - h if y - h >= 0 else y
-        draw.rectangle((x, y, x + w, y + h), fill=(*color, 220))
+        y = y - h if y - h >= 0 else max(0, y)
+        draw.rectangle((x, y, x + w, y + h), fill=(*color, 255))
         draw.text((x + 2 - left, y + 2 - top), text, font=font, fill=_text_color(color))
     return Image.alpha_composite(canvas, overlay).convert("RGB")
-
-
-def _inside(box: Sequence[float], size: tuple[int, int], line: int) -> list[float]:
-    """Keep a box's outline inside the image so boxes at the border stay visible."""
-    width, height = size
-    x1, y1, x2, y2 = box
-    left, top = min(max(x1, 0), width - line), min(max(y1, 0), height - line)
-    right, bottom = max(min(x2, width - 1), line), max(min(y2, height - 1), line)
-    return [left, top, max(left, right), max(top, bottom)]

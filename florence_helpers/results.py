@@ -74,16 +74,18 @@ class BoxesResult(Result):
     Attributes:
         boxes: Float array of shape ``(N, 4)``, ``x1, y1, x2, y2`` in pixels.
         labels: ``N`` labels; empty strings for region proposals.
+        scores: ``N`` confidences in 0..1, or None (the native model gives none).
     """
 
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
     labels: list[str] = field(default_factory=list)
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _payload(self) -> dict[str, Any]:
-        return {"boxes": self.boxes.tolist(), "labels": list(self.labels)}
+        return {"boxes": self.boxes.tolist(), "labels": list(self.labels), **_scores(self)}
 
 
 @dataclass
@@ -93,10 +95,12 @@ class PolygonsResult(Result):
     Attributes:
         polygons: For each instance, a list of float arrays of shape ``(K, 2)`` (x, y pixels).
         labels: One label per instance (often empty: the phrase was yours).
+        scores: One confidence per instance in 0..1, or None.
     """
 
     polygons: list[list[np.ndarray]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.polygons)
@@ -105,6 +109,7 @@ class PolygonsResult(Result):
         return {
             "polygons": [[p.tolist() for p in instance] for instance in self.polygons],
             "labels": list(self.labels),
+            **_scores(self),
         }
 
 
@@ -116,16 +121,22 @@ class OCRResult(Result):
         quads: Float array of shape ``(N, 4, 2)``: four ``(x, y)`` corners per line, in the
             model's order (clockwise from top-left for upright text).
         texts: ``N`` strings.
+        scores: ``N`` confidences in 0..1, or None.
     """
 
     quads: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 2), dtype=np.float32))
     texts: list[str] = field(default_factory=list)
+    scores: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
     def _payload(self) -> dict[str, Any]:
-        return {"quads": self.quads.tolist(), "texts": list(self.texts)}
+        return {"quads": self.quads.tolist(), "texts": list(self.texts), **_scores(self)}
+
+
+def _scores(result: Any) -> dict[str, Any]:
+    return {} if result.scores is None else {"scores": np.asarray(result.scores).tolist()}
 
 
 AnyResult = TextResult | BoxesResult | PolygonsResult | OCRResult

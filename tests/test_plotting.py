@@ -96,3 +96,57 @@ def test_plot_result_for_text_ocr_and_region(grey):
     plot_result(grey, ocr, right)
     assert [t.get_text() for t in right.texts] == ["HELLO"]
     plt.close(fig)
+
+
+def test_scores_are_shown_next_to_labels(grey):
+    fig, ax = plt.subplots()
+    result = boxes(((10, 10, 50, 50), "car"))
+    result.scores = np.array([0.876])
+    plot_result(grey, result, ax)
+    assert [t.get_text() for t in ax.texts] == ["car 0.88"]
+    plt.close(fig)
+
+
+def test_plot_region_alone_shows_the_image(grey):
+    from florence_helpers import plot_region
+
+    ax = plot_region(grey, (10, 10, 60, 60))
+    assert len(ax.images) == 1 and len(ax.patches) == 2
+    plt.close(ax.figure)
+
+
+def test_grid_draws_one_panel_per_result_and_hides_the_rest(grey):
+    from florence_helpers import plot_grid
+
+    results = [boxes(((10, 10, 50, 50), "car")), TextResult(Task.CAPTION, SIZE, raw="", text="x")]
+    fig = plot_grid([grey] * 4, results * 2, columns=3, titles=["a", "b", "c", "d"])
+    axes = fig.axes
+    assert len(axes) == 6  # two rows of three
+    assert [ax.get_title() for ax in axes[:4]] == ["a", "b", "c", "d"]
+    assert [len(ax.images) for ax in axes] == [1, 1, 1, 1, 0, 0]
+    plt.close(fig)
+    assert len(plot_grid([grey, grey], results, columns=3).axes) == 2  # no empty columns
+    with pytest.raises(ValueError, match="2 images for 1 results"):
+        plot_grid([grey, grey], results[:1])
+
+
+def test_annotate_outlines_the_region_and_labels_ocr(grey):
+    out = annotate(
+        grey,
+        TextResult(Task.REGION_TO_CATEGORY, SIZE, raw="", text="car"),
+        region=(100, 20, 180, 80),
+    )
+    assert out.getpixel((140, 80)) == (255, 255, 255)
+    quads = np.array([[[10, 40], [90, 40], [90, 70], [10, 70]]], dtype=np.float32)
+    ocr = OCRResult(Task.OCR_WITH_REGION, SIZE, raw="", quads=quads, texts=["EXIT"])
+    assert annotate(grey, ocr).getpixel((50, 70)) == label_color("EXIT")
+
+
+@pytest.mark.parametrize("background", [(0, 0, 0), (255, 255, 255)])
+def test_label_tags_contrast_with_their_background(background):
+    image = Image.new("RGB", SIZE, background)
+    out = np.asarray(annotate(image, boxes(((20, 40, 120, 90), "person"))))
+    tag = out[20:38, 22:60].reshape(-1, 3)
+    colors = {tuple(c) for c in tag}
+    assert label_color("person") in colors
+    assert len(colors) > 2  # text drawn on the tag

@@ -1,0 +1,160 @@
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from florence_helpers import (
+    BoxesResult,
+    OCRResult,
+    PolygonsResult,
+    Task,
+    coco_categories,
+    cutout,
+    from_coco,
+    polygons_to_mask,
+    to_coco,
+    to_mask,
+    to_masks,
+    to_supervision,
+)
+
+SIZE = (200, 120)
+
+
+def boxes_result(scores=None):
+    return BoxesResult(
+        Task.OD,
+        SIZE,
+        raw="",
+        boxes=np.array(
+            [[10, 20, 50, 80], [0, 0, 199, 119], [30.5, 40.25, 31.5, 41.25]], np.float32
+        ),
+        labels=["car", "sky", "car"],
+        scores=scores,
+    )
+
+
+def polygons_result():
+    triangle = np.array([[0, 0], [100, 0], [0, 100]], np.float32)
+    square = np.array([[150, 10], [190, 10], [190, 50], [150, 50]], np.float32)
+    return PolygonsResult(
+        Task.REFERRING_EXPRESSION_SEGMENTATION,
+        SIZE,
+        raw="",
+        polygons=[[triangle], [square, square + [0, 60]]],
+        labels=["", "window"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("polygon", "area"),
+    [
+        ([[20, 10], [120, 10], [120, 90], [20, 90]], 100 * 80),  # rectangle
+        ([[10, 10], [110, 10], [10, 110]], 100 * 100 / 2),  # right triangle
+        ([[60, 10], [110, 60], [60, 110], [10, 60]], 2 * 50 * 50),  # diamond
+    ],
+)
+def test_mask_area_matches_the_polygon_within_two_percent(polygon, area):
+    mask = polygons_to_mask([np.array(polygon)], (128, 128))
+    assert mask.shape == (128, 128) and mask.dtype == bool
+    assert abs(mask.sum() - area) <= 0.02 * area
+
+
+def test_circle_mask_area():
+    angles = np.linspace(0, 2 * np.pi, 200, endpoint=False)
+    circle = np.column_stack([100 + 40 * np.cos(angles), 60 + 40 * np.sin(angles)])
+    assert abs(polygons_to_mask([circle], SIZE).sum() - np.pi * 40**2) <= 0.02 * np.pi * 40**2
+
+
+def test_masks_per_instance_and_union():
+    result = polygons_result()
+    masks = to_masks(result)
+    assert masks.shape == (2, 120, 200)
+    assert masks[0, 10, 10] and not masks[0, 90, 90]
+    assert masks[1, 30, 170] and masks[1, 90, 170] and not masks[1, 60, 170]
+    assert abs(masks[1].sum() - 2 * 40 * 40) <= 0.02 * 3200
+    assert (to_mask(result) == masks.any(axis=0)).all()
+    empty = PolygonsResult(Task.REGION_TO_SEGMENTATION, SIZE, raw="")
+    assert to_masks(empty).shape == (0, 120, 200)
+
+
+def test_mask_ignores_degenerate_and_outside_polygons():
+    line = np.array([[0, 0], [10, 10]])
+    outside = np.array([[500, 500], [600, 500], [600, 600]])
+    assert not polygons_to_mask([line, outside], SIZE).any()
+
+
+def test_cutout_keeps_only_the_masked_pixels():
+    image = Image.new("RGB", SIZE, (10, 200, 30))
+    mask = np.zeros((120, 200), bool)
+    mask[20:40, 50:90] = True
+    piece = cutout(image, mask)
+    assert piece.mode == "RGBA" and piece.size == (40, 20)
+    assert piece.getpixel((0, 0)) == (10, 200, 30, 255)
+    full = cutout(image, mask, crop=False)
+    assert full.size == SIZE and full.getpixel((0, 0))[3] == 0
+    assert cutout(image, np.zeros((120, 200), bool)).size == (1, 1)
+    with pytest.raises(ValueError, match="mask is 10x10 but the image is 200x120"):
+        cutout(image, np.zeros((10, 10), bool))
+
+
+def test_coco_round_trip_of_boxes():
+    result = boxes_result(scores=np.array([0.9, 0.5, 0.1], np.float32))
+    categories = coco_categories(result.labels)
+    assert categories == {"car": 1, "sky": 2}
+    annotations = to_coco(result, image_id=7, categories=categories, first_id=100)
+    assert [a["id"] for a in annotations] == [100, 101, 102]
+    assert [a["category_id"] for a in annotations] == [1, 2, 1]
+    assert annotations[0]["bbox"] == [10.0, 20.0, 40.0, 60.0]
+    assert annotations[0]["area"] == 2400.0
+    assert all(a["image_id"] == 7 for a in annotations)
+    back = from_coco(annotations, {v: k for k, v in categories.items()}, SIZE)
+    assert back.labels == result.labels
+    np.testing.assert_allclose(back.boxes, result.boxes, atol=1e-4)
+    np.testing.assert_allclose(back.scores, result.scores)
+    coco_list = [{"id": 1, "name": "car"}, {"id": 2, "name": "sky"}]
+    assert from_coco(annotations, coco_list, SIZE).labels == result.labels
+
+
+def test_coco_without_scores_and_new_labels():
+    annotations = to_coco(boxes_result(), categories={"sky": 5})
+    assert [a["category_id"] for a in annotations] == [6, 5, 6]
+    assert "score" not in annotations[0]
+    assert from_coco(annotations, {5: "sky", 6: "car"}, SIZE).scores is None
+
+
+def test_coco_polygons_and_ocr():
+    annotations = to_coco(polygons_result())
+    assert annotations[0]["bbox"] == [0.0, 0.0, 100.0, 100.0]
+    assert annotations[0]["area"] == pytest.approx(5000)
+    assert len(annotations[1]["segmentation"]) == 2
+    assert annotations[1]["area"] == pytest.approx(3200)
+    quads = np.array([[[10, 10], [90, 10], [90, 30], [10, 30]]], np.float32)
+    ocr = OCRResult(Task.OCR_WITH_REGION, SIZE, raw="", quads=quads, texts=["EXIT"])
+    (annotation,) = to_coco(ocr)
+    assert annotation["text"] == "EXIT"
+    assert annotation["bbox"] == [10.0, 10.0, 80.0, 20.0]
+    assert annotation["segmentation"] == [[10, 10, 90, 10, 90, 30, 10, 30]]
+
+
+def test_to_supervision_names_the_extra_when_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "supervision", None)
+    with pytest.raises(ImportError, match=r'pip install "florence-helpers\[supervision\]"'):
+        to_supervision(boxes_result())
+
+
+def test_to_supervision_passes_boxes_names_scores_and_masks(monkeypatch):
+    class Detections:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setitem(sys.modules, "supervision", types.SimpleNamespace(Detections=Detections))
+    detections = to_supervision(boxes_result(scores=np.array([0.9, 0.5, 0.1])))
+    np.testing.assert_allclose(detections.kwargs["xyxy"], boxes_result().boxes)
+    assert detections.kwargs["class_id"].tolist() == [0, 1, 0]
+    assert detections.kwargs["data"]["class_name"].tolist() == ["car", "sky", "car"]
+    assert detections.kwargs["confidence"].tolist() == pytest.approx([0.9, 0.5, 0.1])
+    masks = to_supervision(polygons_result()).kwargs["mask"]
+    assert masks.shape == (2, 120, 200)
