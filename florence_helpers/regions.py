@@ -82,15 +82,16 @@ def check_box(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, f
             f"A region must be four numbers (x1, y1, x2, y2) in pixels, got {box!r}."
         ) from None
     width, height = image_size
+    shown = "(" + ", ".join(f"{v:g}" for v in (x1, y1, x2, y2)) + ")"
     if not all(np.isfinite([x1, y1, x2, y2])):
-        raise RegionError(f"Region {box!r} contains a value that is not a finite number.")
+        raise RegionError(f"Region {shown} contains a value that is not a finite number.")
     if x2 <= x1 or y2 <= y1:
         raise RegionError(
-            f"Region {tuple(box)!r} is empty: it must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2."
+            f"Region {shown} is empty: it must be (x1, y1, x2, y2) with x1 < x2 and y1 < y2."
         )
     if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
         raise RegionError(
-            f"Region {tuple(box)!r} lies outside the {width}x{height} image: "
+            f"Region {shown} lies outside the {width}x{height} image: "
             f"x must be within 0..{width} and y within 0..{height}."
         )
     return x1, y1, x2, y2

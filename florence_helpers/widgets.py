@@ -39,8 +39,13 @@ class Explorer:
         task: str | Task = Task.CAPTION,
         **run_kwargs: Any,
     ) -> None:
-        import ipywidgets as widgets
-
+        try:
+            import ipywidgets as widgets
+        except ImportError:
+            raise ImportError(
+                'explore needs ipywidgets: pip install "florence-helpers[notebooks]" '
+                "(Colab already has it)."
+            ) from None
         if not images:
             raise ValueError("explore needs at least one image.")
         self.florence = florence

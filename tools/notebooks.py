@@ -130,7 +130,7 @@ def refresh_outputs(paths: list[Path]) -> None:
 
             os.environ["FLORENCE_MODEL"] = str(build_tiny_model(tiny))
         os.environ.setdefault("MPLBACKEND", "Agg")
-        for path in paths:
+        for path in (p.resolve() for p in paths):
             nb = nbformat.read(path, as_version=4)
             NotebookClient(
                 nb, timeout=1200, resources={"metadata": {"path": str(NOTEBOOKS)}}
