@@ -13,6 +13,7 @@ from .images import ImageSource, load_image
 from .model import FlorenceModel
 from .prompts import Region, TaskInputError, build_prompt
 from .results import AnyResult, parse_answer
+from .scores import attach_scores, scored_ids, token_logprobs
 from .tasks import Task, TaskSpec, get_task
 
 
@@ -47,6 +48,7 @@ def run(
     max_new_tokens: int = 1024,
     batch_size: int = 8,
     progress: bool | None = None,
+    scores: bool = False,
     **generate_kwargs: Any,
 ) -> AnyResult | list[AnyResult]:
     """Run one Florence-2 task on an image, or on a list of images in padded batches.
@@ -67,6 +69,9 @@ def run(
             the result holds what parsed cleanly and ``truncated`` is True.
         batch_size: Images per ``generate`` call.
         progress: Show a progress bar over batches; by default only when there are several.
+        scores: Attach confidences computed from the model's token probabilities: one per
+            box, polygon instance or OCR line (``result.scores``), and a sequence score plus
+            per-word scores for text answers. See :mod:`florence_helpers.scores`.
         **generate_kwargs: Passed on to ``model.generate`` (e.g. ``logits_processor``).
 
     Returns:
@@ -100,6 +105,7 @@ def run(
             spec,
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
+            with_scores=scores,
             **generate_kwargs,
         )
     return results[0] if single else results
@@ -110,26 +116,33 @@ def _run_batch(
     images: list,
     prompts: list[str],
     spec: TaskSpec,
+    with_scores: bool = False,
     **generate_kwargs: Any,
 ) -> list[AnyResult]:
     processor, model = florence.processor, florence.model
     inputs = processor(text=prompts, images=images, return_tensors="pt", padding="longest")
     inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    if with_scores:
+        generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
     with torch.inference_mode():
-        sequences = model.generate(**inputs, do_sample=False, **generate_kwargs)
+        outputs = model.generate(**inputs, do_sample=False, **generate_kwargs)
+        sequences = outputs.sequences if with_scores else outputs
+        logprobs = token_logprobs(model, outputs).float().cpu().numpy() if with_scores else None
     eos_id = model.generation_config.eos_token_id
-    decoded = processor.batch_decode(sequences, skip_special_tokens=False)
-    return [
-        # Position 0 is the decoder start token; an answer without EOS after it was cut off.
-        parse_answer(processor, raw, spec, image.size, truncated=not _ends(row, eos_id))
-        for raw, row, image in zip(decoded, sequences.tolist(), images, strict=True)
-    ]
-
-
-def _ends(token_ids: list[int], eos_id: int | list[int] | None) -> bool:
     eos = set(eos_id if isinstance(eos_id, list) else [eos_id])
-    return any(token in eos for token in token_ids[1:])
+    results = []
+    for index, (row, image) in enumerate(zip(sequences.tolist(), images, strict=True)):
+        # Position 0 is the decoder start token; an answer without EOS after it was cut off.
+        length = scored_ids(row, eos)
+        answer = row[: length + 1]
+        raw = processor.decode(answer, skip_special_tokens=False)
+        truncated = answer[-1] not in eos or length == 0
+        result = parse_answer(processor, raw, spec, image.size, truncated=truncated)
+        if logprobs is not None:
+            result = attach_scores(result, processor, answer[1:], logprobs[index, :length])
+        results.append(result)
+    return results
 
 
 def _per_image(value: Any, count: int, name: str, is_item: Any) -> list[Any]:

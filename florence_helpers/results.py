@@ -8,7 +8,7 @@ Every result keeps the task, the image size the coordinates refer to, the raw ge
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -56,19 +56,48 @@ class TextResult(Result):
 
     Attributes:
         text: The answer without special or location tokens.
+        score: With ``scores=True``: the geometric mean of the answer tokens' probabilities.
+        logprob: With ``scores=True``: their mean log-probability (``log(score)``).
+        word_scores: With ``scores=True``: ``(word, probability)`` for each word, the
+            probability being the product over the word's tokens.
     """
 
     text: str = ""
+    score: float | None = None
+    logprob: float | None = None
+    word_scores: list[tuple[str, float]] | None = field(default=None, repr=False)
 
     def _payload(self) -> dict[str, Any]:
-        return {"text": self.text}
+        payload: dict[str, Any] = {"text": self.text}
+        if self.score is not None:
+            payload.update(score=self.score, logprob=self.logprob, word_scores=self.word_scores)
+        return payload
 
     def __str__(self) -> str:
         return self.text
 
 
+class _Instances:
+    """Select instances like a numpy array: ``result[result.scores > 0.5]``, ``result[:3]``."""
+
+    _fields: tuple[str, ...] = ()
+
+    def __getitem__(self, index: Any) -> Any:
+        chosen = np.atleast_1d(np.arange(len(self))[index])  # type: ignore[arg-type]
+        changes: dict[str, Any] = {}
+        for name in self._fields:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if isinstance(values, np.ndarray):
+                changes[name] = values[chosen]
+            else:
+                changes[name] = [values[i] for i in chosen]
+        return replace(self, **changes)  # type: ignore[type-var]
+
+
 @dataclass
-class BoxesResult(Result):
+class BoxesResult(_Instances, Result):
     """Boxes with labels: detection, dense captions, proposals, grounding.
 
     Attributes:
@@ -80,6 +109,7 @@ class BoxesResult(Result):
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), dtype=np.float32))
     labels: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
+    _fields = ("boxes", "labels", "scores")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -89,7 +119,7 @@ class BoxesResult(Result):
 
 
 @dataclass
-class PolygonsResult(Result):
+class PolygonsResult(_Instances, Result):
     """Segmentation polygons: one or more polygons per instance.
 
     Attributes:
@@ -101,6 +131,7 @@ class PolygonsResult(Result):
     polygons: list[list[np.ndarray]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
+    _fields = ("polygons", "labels", "scores")
 
     def __len__(self) -> int:
         return len(self.polygons)
@@ -114,7 +145,7 @@ class PolygonsResult(Result):
 
 
 @dataclass
-class OCRResult(Result):
+class OCRResult(_Instances, Result):
     """Text lines with their quadrilaterals.
 
     Attributes:
@@ -127,6 +158,7 @@ class OCRResult(Result):
     quads: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 2), dtype=np.float32))
     texts: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
+    _fields = ("quads", "texts", "scores")
 
     def __len__(self) -> int:
         return len(self.texts)
