@@ -17,6 +17,7 @@ from .conversions import (
     to_masks,
     to_supervision,
 )
+from .evaluation import DetectionEvaluation, evaluate_detections
 from .images import ImageLoadError, load_image
 from .inference import run
 from .model import (
@@ -40,6 +41,7 @@ from .plotting import (
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError, box_to_loc_tokens, dequantize, loc_tokens_to_box, quantize
 from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
+from .scores import filter_by_score, sort_by_score, top_k
 from .tasks import TASKS, InputKind, ResultKind, Task, TaskSpec, UnknownTaskError, get_task
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_MODEL_ID",
     "TASKS",
     "BoxesResult",
+    "DetectionEvaluation",
     "FlorenceModel",
     "ImageLoadError",
     "InputKind",
@@ -67,6 +70,8 @@ __all__ = [
     "coco_categories",
     "cutout",
     "dequantize",
+    "evaluate_detections",
+    "filter_by_score",
     "from_coco",
     "get_task",
     "label_color",
@@ -82,6 +87,7 @@ __all__ = [
     "plot_result",
     "polygons_to_mask",
     "quantize",
+    "sort_by_score",
     "reading_order",
     "run",
     "to_coco",
@@ -89,4 +95,5 @@ __all__ = [
     "to_mask",
     "to_masks",
     "to_supervision",
+    "top_k",
 ]
