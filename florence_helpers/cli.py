@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     parser.add_argument("--num-beams", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--scores", action="store_true", help="attach confidences from token probabilities"
+    )
     parser.add_argument("--out", help="write the image with the result drawn on it here")
     parser.add_argument(
         "--json",
@@ -94,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         region=args.region,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
+        scores=args.scores,
     )
     payload = result.to_dict()
     if args.json:

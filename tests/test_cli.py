@@ -42,6 +42,13 @@ def test_detection_writes_a_picture_and_prints_json(tiny_env, tmp_path):
     assert f"wrote {out}" in done.stderr
 
 
+def test_scores_flag_adds_one_score_per_box(tiny_env):
+    done = cli(str(SAMPLE), "--task", "OD", "--scores", "--max-new-tokens", "30", env=tiny_env)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert len(payload["scores"]) == len(payload["boxes"])
+
+
 def test_json_flag_prints_one_line_with_the_raw_answer(tiny_env):
     done = cli(str(SAMPLE), "--task", "CAPTION", "--json", "--max-new-tokens", "5", env=tiny_env)
     assert done.returncode == 0, done.stderr
