@@ -19,7 +19,7 @@ from .conversions import (
 )
 from .evaluation import DetectionEvaluation, evaluate_detections
 from .images import ImageLoadError, load_image
-from .inference import run
+from .inference import run, run_tasks
 from .model import (
     CHECKPOINTS,
     DEFAULT_MODEL_ID,
@@ -90,6 +90,7 @@ __all__ = [
     "sort_by_score",
     "reading_order",
     "run",
+    "run_tasks",
     "to_coco",
     "to_lines",
     "to_mask",

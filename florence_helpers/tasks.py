@@ -47,14 +47,27 @@ class ResultKind(str, enum.Enum):
     OCR_REGIONS = "ocr_regions"
 
 
+class AnswerSize(str, enum.Enum):
+    """Typical answer length: short (under ~40 tokens), medium (~60-150), long (150+)."""
+
+    SHORT = "short"
+    MEDIUM = "medium"
+    LONG = "long"
+
+
 @dataclass(frozen=True)
 class TaskSpec:
-    """One task: its token, the extra input it takes and the result it gives."""
+    """One task: its token, the extra input it takes and the result it gives.
+
+    ``answer_size`` is how long its answers usually are; :func:`run_tasks` decodes tasks of
+    similar length together so short answers do not wait for long ones.
+    """
 
     task: Task
     input: InputKind
     result: ResultKind
     description: str
+    answer_size: AnswerSize = AnswerSize.SHORT
 
     @property
     def token(self) -> str:
@@ -68,19 +81,42 @@ class TaskSpec:
 _SPECS = [
     TaskSpec(Task.CAPTION, InputKind.NONE, ResultKind.TEXT, "one-sentence caption"),
     TaskSpec(Task.DETAILED_CAPTION, InputKind.NONE, ResultKind.TEXT, "a few sentences"),
-    TaskSpec(Task.MORE_DETAILED_CAPTION, InputKind.NONE, ResultKind.TEXT, "a paragraph"),
+    TaskSpec(
+        Task.MORE_DETAILED_CAPTION,
+        InputKind.NONE,
+        ResultKind.TEXT,
+        "a paragraph",
+        AnswerSize.MEDIUM,
+    ),
     TaskSpec(Task.OCR, InputKind.NONE, ResultKind.TEXT, "all text in the image"),
     TaskSpec(
         Task.OCR_WITH_REGION,
         InputKind.NONE,
         ResultKind.OCR_REGIONS,
         "text lines with their quads",
+        AnswerSize.MEDIUM,
     ),
-    TaskSpec(Task.OD, InputKind.NONE, ResultKind.BOXES, "object detection: boxes with categories"),
     TaskSpec(
-        Task.DENSE_REGION_CAPTION, InputKind.NONE, ResultKind.BOXES, "boxes with short descriptions"
+        Task.OD,
+        InputKind.NONE,
+        ResultKind.BOXES,
+        "object detection: boxes with categories",
+        AnswerSize.MEDIUM,
     ),
-    TaskSpec(Task.REGION_PROPOSAL, InputKind.NONE, ResultKind.BOXES, "boxes without labels"),
+    TaskSpec(
+        Task.DENSE_REGION_CAPTION,
+        InputKind.NONE,
+        ResultKind.BOXES,
+        "boxes with short descriptions",
+        AnswerSize.LONG,
+    ),
+    TaskSpec(
+        Task.REGION_PROPOSAL,
+        InputKind.NONE,
+        ResultKind.BOXES,
+        "boxes without labels",
+        AnswerSize.MEDIUM,
+    ),
     TaskSpec(
         Task.CAPTION_TO_PHRASE_GROUNDING,
         InputKind.TEXT,
@@ -98,12 +134,14 @@ _SPECS = [
         InputKind.TEXT,
         ResultKind.POLYGONS,
         "polygon mask of what a phrase you give refers to",
+        AnswerSize.LONG,
     ),
     TaskSpec(
         Task.REGION_TO_SEGMENTATION,
         InputKind.REGION,
         ResultKind.POLYGONS,
         "polygon mask of the object in a box you give",
+        AnswerSize.LONG,
     ),
     TaskSpec(
         Task.REGION_TO_CATEGORY, InputKind.REGION, ResultKind.TEXT, "category of a box you give"

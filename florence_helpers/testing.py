@@ -58,7 +58,6 @@ _CORPUS = [
 ]
 
 _TINY_IMAGE_SIDE = 64  # pixels the processor resizes to; the vision tower downsamples by 32
-_TINY_IMAGE_TOKENS = 1 + (_TINY_IMAGE_SIDE // 32) ** 2
 
 _POST_PROCESSOR_CONFIG: dict[str, Any] = {
     "ocr": {"area_threshold": 0.0},
@@ -103,6 +102,28 @@ def build_tiny_tokenizer() -> Any:
     )
 
 
+def build_processor(image_side: int = 768) -> Any:
+    """A ``Florence2Processor`` with the tiny tokenizer and images resized to ``image_side``.
+
+    Real checkpoints use 768 (577 image tokens: one per 32x32 patch plus one); the tiny model
+    uses 64. Normalisation and resampling follow the real checkpoints.
+    """
+    from transformers import CLIPImageProcessorPil, Florence2Processor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_side, "width": image_side},
+        do_center_crop=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    image_processor.image_seq_length = 1 + (image_side // 32) ** 2
+    return Florence2Processor(
+        image_processor=image_processor,
+        tokenizer=build_tiny_tokenizer(),
+        post_processor_config=_POST_PROCESSOR_CONFIG,
+    )
+
+
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a tiny random-weight Florence-2 (model, tokenizer, processor) to ``path``.
 
@@ -121,27 +142,14 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     """
     from transformers import (
         BartConfig,
-        CLIPImageProcessorPil,
         Florence2Config,
         Florence2ForConditionalGeneration,
-        Florence2Processor,
     )
     from transformers.utils import logging as hf_logging
 
     out = Path(path)
-    tokenizer = build_tiny_tokenizer()
-    image_processor = CLIPImageProcessorPil(
-        size={"height": _TINY_IMAGE_SIDE, "width": _TINY_IMAGE_SIDE},
-        do_center_crop=False,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-    image_processor.image_seq_length = _TINY_IMAGE_TOKENS
-    processor = Florence2Processor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        post_processor_config=_POST_PROCESSOR_CONFIG,
-    )
+    processor = build_processor(_TINY_IMAGE_SIDE)
+    tokenizer = processor.tokenizer
     text_config = BartConfig(
         vocab_size=len(tokenizer),
         d_model=32,
@@ -204,6 +212,10 @@ class ForcedAnswer(LogitsProcessor):
     def __init__(self, token_ids: Sequence[Sequence[int]], eos_token_id: int) -> None:
         self.token_ids = [list(ids) for ids in token_ids]
         self.eos_token_id = eos_token_id
+
+    def select_rows(self, rows: Sequence[int]) -> ForcedAnswer:
+        """The same forcing for a subset of the batch (``run_tasks`` decodes in groups)."""
+        return ForcedAnswer([self.token_ids[i] for i in rows], self.eos_token_id)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         rows = input_ids.shape[0]

@@ -2,6 +2,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,17 @@ def test_device_and_dtype_choice():
 
 def test_dtype_argument_is_applied(tiny_model_dir):
     assert load_model(tiny_model_dir, device="cpu", dtype="bf16").dtype == torch.bfloat16
+
+
+def test_compile_mode_uses_a_static_cache_and_gives_the_same_answers(tiny_model_dir, florence):
+    from florence_helpers import run
+
+    static = load_model(tiny_model_dir, device="cpu", compile=True)
+    assert static.model.generation_config.cache_implementation == "static"
+    image = Path(__file__).resolve().parents[1] / "images" / "astronaut.jpg"
+    for beams in (1, 3):
+        plain = run(florence, image, "OD", num_beams=beams, max_new_tokens=30)
+        assert run(static, image, "OD", num_beams=beams, max_new_tokens=30).raw == plain.raw
 
 
 def test_missing_directory_is_named(tmp_path):
