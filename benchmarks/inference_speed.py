@@ -1,0 +1,387 @@
+"""Inference speed of florence_helpers against the seed notebooks' loop, on this machine.
+
+    python benchmarks/inference_speed.py            # Florence-2-base architecture
+    python benchmarks/inference_speed.py --large    # also Florence-2-large (slow on a CPU)
+
+No weights are downloaded: the full-size architecture is built with random weights, and every
+answer is forced to a fixed, realistic number of tokens, so each run does exactly the work a
+real checkpoint would do on a busy street photo. All ratios are measured in this one run.
+
+Sections:
+  1. all 15 tasks on one 768x768 image: the seed-style loop vs run_tasks, same settings
+  2. per-stage costs: preprocessing, vision encoder, text encoder, ms per decoded token
+  3. throughput (images/s) against batch size for <CAPTION> and <OD>
+  4. the vision encoder's GFLOP/s against a plain fp32 matmul
+  5. peak memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from florence_helpers import TASKS, FlorenceModel, Task, build_prompt, run
+from florence_helpers.inference import _beam_cache, run_tasks
+from florence_helpers.testing import ForcedAnswer, build_processor
+
+# Answer length in tokens (from <s> to </s>) per task, as Florence-2 writes them for a
+# 1600x1066 street photo like the seed sample's; polygons and dense captions are the longest.
+ANSWER_TOKENS = {
+    Task.CAPTION: 14,
+    Task.DETAILED_CAPTION: 40,
+    Task.MORE_DETAILED_CAPTION: 90,
+    Task.OCR: 30,
+    Task.OCR_WITH_REGION: 120,
+    Task.OD: 80,
+    Task.DENSE_REGION_CAPTION: 160,
+    Task.REGION_PROPOSAL: 70,
+    Task.CAPTION_TO_PHRASE_GROUNDING: 30,
+    Task.OPEN_VOCABULARY_DETECTION: 14,
+    Task.REFERRING_EXPRESSION_SEGMENTATION: 200,
+    Task.REGION_TO_SEGMENTATION: 180,
+    Task.REGION_TO_CATEGORY: 8,
+    Task.REGION_TO_DESCRIPTION: 14,
+    Task.REGION_TO_OCR: 10,
+}
+TEXT = "a red car parked on the street"
+REGION = (200, 150, 500, 600)
+
+ARCHITECTURES = {
+    "base": {
+        "vision": {
+            "embed_dim": [128, 256, 512, 1024],
+            "num_heads": [4, 8, 16, 32],
+            "num_groups": [4, 8, 16, 32],
+            "projection_dim": 768,
+        },
+        "text": {
+            "d_model": 768,
+            "encoder_layers": 6,
+            "decoder_layers": 6,
+            "encoder_attention_heads": 12,
+            "decoder_attention_heads": 12,
+            "encoder_ffn_dim": 3072,
+            "decoder_ffn_dim": 3072,
+        },
+    },
+    "large": {
+        "vision": {
+            "embed_dim": [256, 512, 1024, 2048],
+            "num_heads": [8, 16, 32, 64],
+            "num_groups": [8, 16, 32, 64],
+            "projection_dim": 1024,
+        },
+        "text": {
+            "d_model": 1024,
+            "encoder_layers": 12,
+            "decoder_layers": 12,
+            "encoder_attention_heads": 16,
+            "decoder_attention_heads": 16,
+            "encoder_ffn_dim": 4096,
+            "decoder_ffn_dim": 4096,
+        },
+    },
+}
+VOCAB = 51328  # Florence-2's vocabulary with <image>, padded to a multiple of 64
+
+
+def build(name: str) -> FlorenceModel:
+    """The full-size architecture with random weights and the 768-pixel processor."""
+    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
+
+    spec = ARCHITECTURES[name]
+    processor = build_processor(768)
+    text = BartConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        **spec["text"],
+    )
+    config = Florence2Config(
+        vision_config={
+            "depths": [1, 1, 9, 1],
+            "window_size": 12,
+            "drop_path_rate": 0.0,
+            **spec["vision"],
+        },
+        text_config=text.to_dict(),
+        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return FlorenceModel(model=model, processor=processor, model_id=f"random {name}")
+
+
+def forced(florence: FlorenceModel, lengths: list[int]) -> Any:
+    """Force each row's answer to exactly ``lengths[i]`` tokens (<s>, locations, </s>)."""
+    tokenizer = florence.processor.tokenizer
+    first_loc = tokenizer.convert_tokens_to_ids("<loc_0>")
+    rng = np.random.default_rng(0)
+    rows = [
+        [
+            tokenizer.bos_token_id,
+            *(first_loc + rng.integers(0, 1000, n - 2)).tolist(),
+            tokenizer.eos_token_id,
+        ]
+        for n in lengths
+    ]
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([ForcedAnswer(rows, tokenizer.eos_token_id)])
+
+
+class PeakMemory:
+    """Peak resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = self.start = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
+    """Best wall time of ``repeat`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def requests() -> list[tuple[Task, str | tuple | None]]:
+    out = []
+    for spec in TASKS.values():
+        extra = (
+            TEXT if spec.input.value == "text" else REGION if spec.input.value == "region" else None
+        )
+        out.append((spec.task, extra))
+    return out
+
+
+def section_all_tasks(florence: FlorenceModel, image: Image.Image, memory: dict) -> float:
+    print("\n## 1. All 15 tasks on one 768x768 image (3 beams, answers of realistic length)")
+    tasks = requests()
+    lengths = [ANSWER_TOKENS[task] for task, _ in tasks]
+    processor, model = florence.processor, florence.model
+
+    def seed_loop() -> None:
+        # What the seed notebooks do: one full call per task, the image re-encoded each time.
+        for (task, extra), n in zip(tasks, lengths, strict=True):
+            prompt = build_prompt(
+                task,
+                image.size,
+                text=extra if isinstance(extra, str) else None,
+                region=extra if isinstance(extra, tuple) else None,
+            )
+            inputs = processor(text=prompt, images=image, return_tensors="pt")
+            ids = model.generate(
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs["pixel_values"],
+                max_new_tokens=1024,
+                num_beams=3,
+                do_sample=False,
+                logits_processor=forced(florence, [n]),
+            )
+            text = processor.batch_decode(ids, skip_special_tokens=False)[0]
+            processor.post_process_generation(text, task=task.value, image_size=image.size)
+
+    def fast_path() -> None:
+        run_tasks(
+            florence,
+            image,
+            [(t, e) if e is not None else t for t, e in tasks],
+            num_beams=3,
+            logits_processor=forced(florence, lengths),
+        )
+
+    with torch.inference_mode(), PeakMemory() as seed_memory:
+        seed = timed(seed_loop)
+    with PeakMemory() as fast_memory:
+        fast = timed(fast_path)
+    memory["seed loop, 15 tasks"] = seed_memory.peak
+    memory["run_tasks, 15 tasks"] = fast_memory.peak
+    print(f"seed-style loop: {seed:7.1f} s   ({sum(lengths)} answer tokens, 15 image encodings)")
+    verdict = "PASS" if seed / fast >= 5 else "FAIL"
+    print(f"run_tasks:       {fast:7.1f} s   (1 image encoding, 1 generate call per answer size)")
+    print(f"speed-up:        {seed / fast:7.1f}x   goal >= 5x: {verdict}")
+    return seed / fast
+
+
+def section_stages(florence: FlorenceModel, image: Image.Image) -> tuple[float, float]:
+    print("\n## 2. Per-stage costs (one image, batch 1)")
+    processor, model = florence.processor, florence.model
+    prompt = build_prompt("OD", image.size)
+    preprocess = timed(lambda: processor(text=prompt, images=image, return_tensors="pt"), 3)
+    inputs = processor(text=prompt, images=image, return_tensors="pt")
+    with torch.inference_mode():
+        vision = timed(lambda: model.get_image_features(inputs["pixel_values"]), 2)
+        features = model.get_image_features(inputs["pixel_values"]).pooler_output
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        embeds[inputs["input_ids"] == model.config.image_token_id] = features.reshape(
+            -1, features.shape[-1]
+        )
+        encoder = model.get_encoder()
+        text = timed(
+            lambda: encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]), 3
+        )
+        encoded = encoder(inputs_embeds=embeds, attention_mask=inputs["attention_mask"])
+        per_token = {}
+        for beams in (1, 3):
+            # The difference between a long and a short answer is the cost of decoding alone.
+            long, short = (
+                timed(
+                    functools.partial(
+                        run_generate, florence, encoded, inputs["attention_mask"], beams, n
+                    )
+                )
+                for n in (66, 2)
+            )
+            per_token[beams] = (long - short) / 64
+    tokens = inputs["input_ids"].shape[1]
+    print(f"preprocessing (resize, normalise, tokenise): {preprocess * 1000:8.1f} ms")
+    print(f"vision encoder (DaViT):                      {vision * 1000:8.1f} ms")
+    print(f"text encoder ({tokens} tokens):                  {text * 1000:8.1f} ms")
+    print(f"decoding, greedy:                            {per_token[1] * 1000:8.1f} ms per token")
+    print(f"decoding, 3 beams:                           {per_token[3] * 1000:8.1f} ms per token")
+    return vision, per_token[3]
+
+
+def run_generate(
+    florence: FlorenceModel, encoded: Any, mask: torch.Tensor, beams: int, tokens: int
+) -> Any:
+    """Decode one answer of exactly ``tokens`` tokens from precomputed encoder outputs."""
+    kwargs = {"past_key_values": _beam_cache()} if beams > 1 else {}
+    return florence.model.generate(
+        encoder_outputs=encoded,
+        attention_mask=mask,
+        num_beams=beams,
+        max_new_tokens=1024,
+        do_sample=False,
+        logits_processor=forced(florence, [tokens]),
+        **kwargs,
+    )
+
+
+def section_throughput(florence: FlorenceModel, batches: list[int]) -> None:
+    print("\n## 3. Throughput against batch size (run(), 3 beams)")
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
+        for _ in range(max(batches))
+    ]
+    print(f"{'task':<10}" + "".join(f"{f'batch {b}':>12}" for b in batches))
+    for task in (Task.CAPTION, Task.OD):
+        row = []
+        for size in batches:
+            call = functools.partial(
+                run,
+                florence,
+                images[:size],
+                task,
+                batch_size=size,
+                progress=False,
+                logits_processor=forced(florence, [ANSWER_TOKENS[task]] * size),
+            )
+            row.append(size / timed(call))
+        print(f"{task.name:<10}" + "".join(f"{v:>8.2f} i/s" for v in row))
+
+
+def section_flops(florence: FlorenceModel, image: Image.Image, vision_seconds: float) -> float:
+    print("\n## 4. Vision encoder against the machine's matmul rate (fp32)")
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    matmul = 2 * n**3 / timed(lambda: a @ b, 5) / 1e9
+    inputs = florence.processor(text="<OD>", images=image, return_tensors="pt")
+    pixel_values = inputs["pixel_values"]
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        florence.model.get_image_features(pixel_values)
+    flops = counter.get_total_flops()
+    tower = florence.model.model.vision_tower
+    with torch.inference_mode():
+        start = time.perf_counter()
+        tower.compile()  # what load_model(compile=True) does
+        tower(pixel_values)
+        compile_seconds = time.perf_counter() - start
+        compiled = timed(lambda: florence.model.get_image_features(pixel_values), 2)
+    print(f"plain {n}x{n} matmul:     {matmul:7.1f} GFLOP/s")
+    print(
+        f"vision encoder, eager:    {flops / vision_seconds / 1e9:7.1f} GFLOP/s "
+        f"({flops / 1e9:.0f} GFLOP per image, {vision_seconds:.2f} s)"
+    )
+    print(
+        f"vision encoder, compiled: {flops / compiled / 1e9:7.1f} GFLOP/s "
+        f"({compiled:.2f} s per image after {compile_seconds:.0f} s of compilation)"
+    )
+    for label, seconds in (("eager", vision_seconds), ("compiled", compiled)):
+        share = flops / seconds / 1e9 / matmul
+        verdict = "PASS" if share >= 0.75 else "FAIL"
+        print(f"share of matmul rate, {label + ':':<9} {share:5.0%}   goal >= 75%: {verdict}")
+    return flops / compiled / 1e9 / matmul
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--large", action="store_true", help="also run the large architecture")
+    parser.add_argument("--batches", default="1,2", help="batch sizes for section 3")
+    args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    print(
+        f"# Florence-2 inference speed: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, fp32 CPU"
+    )
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
+    for name in ["base", "large"] if args.large else ["base"]:
+        print(f"\n# Florence-2-{name} architecture, random weights")
+        memory: dict[str, int] = {}
+        with PeakMemory() as build_memory:
+            florence = build(name)
+        memory["model built"] = build_memory.peak
+        section_all_tasks(florence, image, memory)
+        vision, _ = section_stages(florence, image)
+        section_throughput(florence, [int(b) for b in args.batches.split(",")])
+        section_flops(florence, image, vision)  # compiles the vision encoder: keep it last
+        print("\n## 5. Peak memory (resident, whole process)")
+        for label, peak in memory.items():
+            print(f"{label:<24} {peak / 2**30:6.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
