@@ -11,6 +11,7 @@ import json
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .images import ImageLoadError, load_image
 from .model import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelNotAvailableError, load_model
@@ -65,7 +66,75 @@ def _readable_json(payload: dict) -> str:
     return re.sub(r"\[\s+([-\d.,eE\s]+?)\s+\]", lambda m: f"[{' '.join(m.group(1).split())}]", text)
 
 
+def _label_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m florence_helpers label",
+        description="Label every image of a folder into a JSON-lines file. Run it again with "
+        "the same --out to resume after an interruption: done images are skipped.",
+    )
+    parser.add_argument("folder", help="folder of images (searched recursively)")
+    parser.add_argument("--task", required=True, help="task name, e.g. OD or DETAILED_CAPTION")
+    parser.add_argument("--out", required=True, help="JSON-lines file to append to")
+    parser.add_argument("--text", help="text for the tasks that take text")
+    parser.add_argument("--region", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
+    parser.add_argument("--model", help="hub id or local directory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--scores", action="store_true", help="attach confidences")
+    parser.add_argument("--coco", help="also write the boxes as a COCO JSON file here")
+    return parser
+
+
+def label_main(argv: Sequence[str]) -> int:
+    args = _label_parser().parse_args(argv)
+    try:
+        spec = get_task(args.task)
+        if not Path(args.folder).is_dir():
+            raise ImageLoadError(f"Not a folder: {args.folder}")
+        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
+    except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        florence = load_model(args.model, device=args.device)
+    except ModelNotAvailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NO_MODEL
+    from .labelling import export_coco, label
+
+    summary = label(
+        florence,
+        args.folder,
+        spec,
+        args.out,
+        text=args.text,
+        region=args.region,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        scores=args.scores,
+    )
+    print(
+        f"wrote {summary.written} records ({summary.errors} errors) to {summary.output}; "
+        f"{summary.skipped} images were already there",
+        file=sys.stderr,
+    )
+    if args.coco:
+        dataset = export_coco(summary.output, args.coco)
+        print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "label":
+        return label_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked without the model is checked first.
