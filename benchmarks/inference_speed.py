@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from florence_helpers import TASKS, FlorenceModel, Task, build_prompt, run
 from florence_helpers.inference import _beam_cache, run_tasks
-from florence_helpers.testing import ForcedAnswer, build_processor
+from florence_helpers.testing import ForcedAnswer, build_processor, build_random_model
 
 # Answer length in tokens (from <s> to </s>) per task, as Florence-2 writes them for a
 # 1600x1066 street photo like the seed sample's; polygons and dense captions are the longest.
@@ -98,32 +98,10 @@ VOCAB = 51328  # Florence-2's vocabulary with <image>, padded to a multiple of 6
 
 def build(name: str) -> FlorenceModel:
     """The full-size architecture with random weights and the 768-pixel processor."""
-    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
-
     spec = ARCHITECTURES[name]
     processor = build_processor(768)
-    text = BartConfig(
-        vocab_size=VOCAB,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-        **spec["text"],
-    )
-    config = Florence2Config(
-        vision_config={
-            "depths": [1, 1, 9, 1],
-            "window_size": 12,
-            "drop_path_rate": 0.0,
-            **spec["vision"],
-        },
-        text_config=text.to_dict(),
-        image_token_id=processor.tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    torch.manual_seed(0)
-    model = Florence2ForConditionalGeneration(config).eval()
+    vision = {"depths": [1, 1, 9, 1], "window_size": 12, **spec["vision"]}
+    model = build_random_model(processor, vision=vision, text=spec["text"], vocab_size=VOCAB)
     model.config._attn_implementation = "sdpa"
     return FlorenceModel(model=model, processor=processor, model_id=f"random {name}")
 

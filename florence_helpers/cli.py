@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .images import ImageLoadError, load_image
-from .model import DEFAULT_MODEL_ID, MODEL_ENV_VAR, ModelNotAvailableError, load_model
+from .model import (
+    DEFAULT_MODEL_ID,
+    MODEL_ENV_VAR,
+    FlorenceModel,
+    ModelNotAvailableError,
+    load_model,
+)
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError
 from .tasks import TASKS, UnknownTaskError, get_task
@@ -87,6 +93,19 @@ def _label_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
+    """Load the model without transformers' progress bars; on failure print why, return None."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(model_id, device=device)
+    except ModelNotAvailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
     try:
@@ -97,14 +116,8 @@ def label_main(argv: Sequence[str]) -> int:
     except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        florence = load_model(args.model, device=args.device)
-    except ModelNotAvailableError as error:
-        print(f"error: {error}", file=sys.stderr)
+    florence = _load_quietly(args.model, args.device)
+    if florence is None:
         return EXIT_NO_MODEL
     from .labelling import export_coco, label
 
@@ -145,14 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        florence = load_model(args.model, device=args.device)
-    except ModelNotAvailableError as error:
-        print(f"error: {error}", file=sys.stderr)
+    florence = _load_quietly(args.model, args.device)
+    if florence is None:
         return EXIT_NO_MODEL
 
     from .inference import run

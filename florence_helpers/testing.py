@@ -124,6 +124,49 @@ def build_processor(image_side: int = 768) -> Any:
     )
 
 
+def build_random_model(
+    processor: Any,
+    *,
+    vision: dict[str, Any],
+    text: dict[str, Any],
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> Any:
+    """A ``Florence2ForConditionalGeneration`` with random weights, in eval mode.
+
+    Args:
+        processor: Its processor (gives the image token id and, by default, the vocabulary size).
+        vision: ``Florence2VisionConfig`` fields (depths, embed_dim, ...).
+        text: ``BartConfig`` fields (d_model, layers, heads, ...).
+        vocab_size: Vocabulary size; defaults to the tokenizer's.
+        seed: Seed for the weights; the global torch RNG is left as it was.
+    """
+    from transformers import BartConfig, Florence2Config, Florence2ForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    text_config = BartConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        max_position_embeddings=1024,
+        bos_token_id=0,
+        pad_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+        **text,
+    )
+    config = Florence2Config(
+        vision_config={"drop_path_rate": 0.0, **vision},
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return Florence2ForConditionalGeneration(config).eval()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a tiny random-weight Florence-2 (model, tokenizer, processor) to ``path``.
 
@@ -140,51 +183,31 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
         >>> tiny = build_tiny_model("/tmp/tiny-florence2")  # doctest: +SKIP
         >>> florence = load_model(tiny)  # doctest: +SKIP
     """
-    from transformers import (
-        BartConfig,
-        Florence2Config,
-        Florence2ForConditionalGeneration,
-    )
     from transformers.utils import logging as hf_logging
 
     out = Path(path)
     processor = build_processor(_TINY_IMAGE_SIDE)
-    tokenizer = processor.tokenizer
-    text_config = BartConfig(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        encoder_layers=1,
-        decoder_layers=1,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=1024,
-        bos_token_id=0,
-        pad_token_id=1,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-    )
-    config = Florence2Config(
-        vision_config={
+    model = build_random_model(
+        processor,
+        vision={
             "depths": [1, 1, 1, 1],
             "embed_dim": [8, 16, 16, 32],
             "num_heads": [1, 2, 2, 4],
             "num_groups": [1, 2, 2, 4],
             "window_size": 2,
             "projection_dim": 32,
-            "drop_path_rate": 0.0,
         },
-        text_config=text_config.to_dict(),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        text={
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+        },
+        seed=seed,
     )
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = Florence2ForConditionalGeneration(config).eval()
-    finally:
-        torch.random.set_rng_state(generator_state)
     out.mkdir(parents=True, exist_ok=True)
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
