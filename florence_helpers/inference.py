@@ -177,15 +177,12 @@ def run_tasks(
         specs.append(spec)
     if not specs:
         return []
-    processor, model = florence.processor, florence.model
-    inputs = _preprocess(florence, [picture], prompts[:1])
+    model = florence.model
+    # The processor pairs every prompt with the image; one copy of the pixels is enough.
+    text = _preprocess(florence, [picture] * len(prompts), prompts)
     with torch.inference_mode():
-        features = model.get_image_features(inputs["pixel_values"]).pooler_output
-        text = processor(
-            text=prompts, images=[picture] * len(prompts), return_tensors="pt", padding="longest"
-        )
-        ids = text["input_ids"].to(model.device)
-        mask = text["attention_mask"].to(model.device)
+        features = model.get_image_features(text["pixel_values"][:1]).pooler_output
+        ids, mask = text["input_ids"], text["attention_mask"]
         embeds = model.get_input_embeddings()(ids)
         rows = features.to(embeds.dtype).expand(len(prompts), -1, -1)
         embeds[ids == model.config.image_token_id] = rows.reshape(-1, rows.shape[-1])
