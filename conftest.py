@@ -2,7 +2,9 @@
 
 A tiny random-weight Florence-2 is built once per session. ``FLORENCE_MODEL`` points at it
 unless you set it yourself, so notebooks executed by nbval (whose kernels inherit this
-process's environment) load it instead of reaching for the hub.
+process's environment) load it instead of reaching for the hub. ``FLORENCE_CI=1`` tells
+notebooks to pick their small CI settings (the fine-tuning notebook trains the tiny model on a
+few images at a high learning rate).
 """
 
 import os
@@ -22,6 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _TINY_DIR = Path(tempfile.mkdtemp(prefix="tiny-florence2-"))
     build_tiny_model(_TINY_DIR)
     os.environ.setdefault("FLORENCE_MODEL", str(_TINY_DIR))
+    os.environ.setdefault("FLORENCE_CI", "1")
     # Notebooks draw with matplotlib; never open a window.
     os.environ.setdefault("MPLBACKEND", "Agg")
 

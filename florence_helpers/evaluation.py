@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import json
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 from .results import BoxesResult
 
 _AGNOSTIC = "object"
+_LOC_TOKENS = re.compile(r"<loc_\d+>")
 
 
 @dataclass
@@ -169,3 +171,161 @@ def _matches_at_iou50(evaluator: Any) -> tuple[np.ndarray, np.ndarray, int]:
         matched += list((np.asarray(entry["dtMatches"][iou]) > 0)[~ignore])
         num_gt += int((~np.asarray(entry["gtIgnore"], dtype=bool)).sum())
     return np.asarray(scores, dtype=float), np.asarray(matched, dtype=bool), num_gt
+
+
+@dataclass
+class SampleEvaluation:
+    """How well a model answers labelled samples (see :func:`evaluate_samples`).
+
+    Attributes:
+        map: COCO mAP@[.50:.95] over the samples with boxes (``OD`` and grounding); NaN if none.
+        map50: mAP at IoU 0.50.
+        constant_scores: True if mAP had to use a score of 1.0 for every box.
+        grounding_accuracy: Share of grounding samples whose first box overlaps a labelled box
+            with IoU >= 0.5 (the RefCOCO measure); NaN if none.
+        region_accuracy: Share of ``REGION_TO_CATEGORY`` samples answered with their label
+            (ignoring case and location tokens); NaN if none.
+        results: The model's result for each sample, in order.
+    """
+
+    map: float
+    map50: float
+    constant_scores: bool
+    grounding_accuracy: float
+    region_accuracy: float
+    results: list[Any]
+
+    def summary(self) -> dict[str, float]:
+        """The metrics by name, for tables."""
+        return {
+            "mAP@[.5:.95]": self.map,
+            "mAP@.5": self.map50,
+            "grounding acc@.5": self.grounding_accuracy,
+            "region accuracy": self.region_accuracy,
+        }
+
+
+def box_iou(a: Any, b: Any) -> np.ndarray:
+    """IoU of every box in ``a`` (N x 4, x1 y1 x2 y2) with every box in ``b`` (M x 4).
+
+    Example:
+        >>> box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30]]).round(3).tolist()
+        [[0.333, 0.0]]
+    """
+    a = np.asarray(a, dtype=float).reshape(-1, 4)
+    b = np.asarray(b, dtype=float).reshape(-1, 4)
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+
+
+def evaluate_samples(
+    florence: Any,
+    samples: Any,
+    *,
+    num_beams: int = 3,
+    batch_size: int = 8,
+    class_agnostic: bool = False,
+    progress: bool | None = None,
+) -> SampleEvaluation:
+    """Run the model on labelled samples and score its answers.
+
+    Box samples (``OD``, open-vocabulary detection, phrase grounding) are run with
+    ``scores=True`` so that mAP ranks boxes by the model's own confidence.
+
+    Args:
+        florence: What :func:`~florence_helpers.load_model` (or a fine-tuning helper) returned.
+        samples: :class:`~florence_helpers.training_data.TrainingSample` objects.
+        num_beams: Beam width for generation.
+        batch_size: Images per ``generate`` call.
+        class_agnostic: Score boxes whatever their label (see :func:`evaluate_detections`).
+        progress: Show progress bars.
+
+    Example:
+        >>> evaluate_samples(florence, validation).summary()  # doctest: +SKIP
+        {'mAP@[.5:.95]': 0.71, 'mAP@.5': 0.93, 'grounding acc@.5': nan, 'region accuracy': nan}
+    """
+    from .inference import run
+    from .tasks import Task
+
+    samples = list(samples)
+    results: list[Any] = [None] * len(samples)
+    by_task: dict[Task, list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_task.setdefault(sample.task, []).append(index)
+    for task, indices in by_task.items():
+        chosen = [samples[i] for i in indices]
+        answers = run(
+            florence,
+            [s.image for s in chosen],
+            task,
+            text=[s.text for s in chosen] if chosen[0].text is not None else None,
+            region=[s.region for s in chosen] if chosen[0].region is not None else None,
+            scores=task is not Task.REGION_TO_CATEGORY,
+            num_beams=num_beams,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        for i, answer in zip(indices, answers, strict=True):
+            results[i] = answer
+
+    boxed = [i for i, s in enumerate(samples) if s.task is not Task.REGION_TO_CATEGORY]
+    mean_ap = mean_ap50 = float("nan")
+    constant = False
+    if boxed:
+        names = sorted({label for i in boxed for label in samples[i].labels})
+        category = {name: number + 1 for number, name in enumerate(names)}
+        truth = {
+            "images": [
+                {"id": i + 1, "file_name": f"sample {i}", "width": w, "height": h}
+                for i in boxed
+                for w, h in [samples[i].image_size]
+            ],
+            "categories": [{"id": category[n], "name": n} for n in names],
+            "annotations": [
+                {
+                    "id": number + 1,
+                    "image_id": i + 1,
+                    "category_id": category[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+                for number, (i, label, (x1, y1, x2, y2)) in enumerate(
+                    (i, label, box)
+                    for i in boxed
+                    for label, box in zip(samples[i].labels, samples[i].boxes, strict=True)
+                )
+            ],
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant scores are reported in the result
+            detections = evaluate_detections(
+                truth, {f"sample {i}": results[i] for i in boxed}, class_agnostic=class_agnostic
+            )
+        mean_ap, mean_ap50, constant = detections.map, detections.map50, detections.constant_scores
+
+    grounded = [i for i in boxed if samples[i].task is not Task.OD]
+    hits = [
+        len(results[i]) > 0 and bool((box_iou(results[i].boxes[:1], samples[i].boxes) >= 0.5).any())
+        for i in grounded
+    ]
+    regions = [i for i, s in enumerate(samples) if s.task is Task.REGION_TO_CATEGORY]
+    right = [
+        _LOC_TOKENS.sub("", results[i].text).strip().casefold() == samples[i].labels[0].casefold()
+        for i in regions
+    ]
+    return SampleEvaluation(
+        map=mean_ap,
+        map50=mean_ap50,
+        constant_scores=constant,
+        grounding_accuracy=float(np.mean(hits)) if hits else float("nan"),
+        region_accuracy=float(np.mean(right)) if right else float("nan"),
+        results=results,
+    )

@@ -1,0 +1,436 @@
+"""Fine-tuning data: read labelled images into (prompt, target) pairs in Florence-2's grammar.
+
+Two formats are read:
+
+* **COCO detection** (``images``, ``categories``, ``annotations`` with ``bbox`` as
+  ``[x, y, width, height]``), what most labelling tools export. Each image becomes one ``<OD>``
+  sample listing every object, or one open-vocabulary detection sample per category.
+* **ms-swift grounding JSON lines**: ``{"query": "Find <ref-object>", "response": "<bbox>",
+  "images": [path], "objects": [[label, [x1, y1, x2, y2]], ...]}`` (``objects`` may also be a
+  JSON string). A query with ``<ref-object>`` asks for boxes (grounding); a query with
+  ``<bbox>`` asks for the label of a region (``<REGION_TO_CATEGORY>``).
+
+Targets are written the way Florence-2 writes its answers: a label followed by four
+``<loc_N>`` tokens per box, quantized by :func:`~florence_helpers.regions.box_to_loc_tokens`
+exactly as the processor does. Bad annotations (a box outside its image, an empty box, an image
+that is missing or unreadable) are collected with the sample they belong to; the caller chooses
+to raise on them or to skip those samples with a warning. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image, UnidentifiedImageError
+
+from .prompts import build_prompt
+from .regions import RegionError, box_to_loc_tokens, check_box
+from .tasks import Task, get_task
+
+Box = tuple[float, float, float, float]
+OnError = Literal["raise", "skip"]
+
+_GROUNDING_TASKS = (Task.OPEN_VOCABULARY_DETECTION, Task.CAPTION_TO_PHRASE_GROUNDING)
+_EXIF_ORIENTATION = 0x0112
+_ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+
+
+class AnnotationError(ValueError):
+    """Raised for annotations that cannot become training samples. Lists every problem."""
+
+    def __init__(self, problems: Sequence[AnnotationProblem]) -> None:
+        self.problems = list(problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:20])
+        more = len(self.problems) - 20
+        super().__init__(
+            f"{len(self.problems)} bad annotation(s):\n{shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + "\nFix them, or pass on_error='skip' to leave those samples out."
+        )
+
+
+@dataclass(frozen=True)
+class AnnotationProblem:
+    """One bad annotation: where it is and what is wrong."""
+
+    sample_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.sample_id}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TrainingSample:
+    """One image with a task prompt and the answer Florence-2 should learn to write.
+
+    Attributes:
+        sample_id: Where the sample came from, e.g. ``"annotations.json image 7"``.
+        image: The image file.
+        image_size: ``(width, height)`` of the upright image.
+        task: The task.
+        prompt: The task prompt, e.g. ``"<OD>"`` or ``"<OPEN_VOCABULARY_DETECTION>a cat"``.
+        target: The answer, e.g. ``"cat<loc_10><loc_20><loc_500><loc_600>"``.
+        labels: The ground-truth label of each box (for evaluation).
+        boxes: The ground-truth boxes ``(x1, y1, x2, y2)`` in pixels (for evaluation).
+        text: The text a grounding prompt carries, if any.
+        region: The region a ``REGION_TO_CATEGORY`` prompt carries, if any.
+    """
+
+    sample_id: str
+    image: Path
+    image_size: tuple[int, int]
+    task: Task
+    prompt: str
+    target: str
+    labels: tuple[str, ...] = ()
+    boxes: tuple[Box, ...] = ()
+    text: str | None = None
+    region: Box | None = None
+
+
+@dataclass
+class TrainingSet:
+    """Samples read from a dataset, and the problems found in it.
+
+    Behaves like a list of :class:`TrainingSample` (``len``, indexing, iteration).
+    """
+
+    samples: list[TrainingSample]
+    problems: list[AnnotationProblem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> TrainingSample:
+        return self.samples[index]
+
+    def __iter__(self) -> Iterator[TrainingSample]:
+        return iter(self.samples)
+
+    def split(self, validation: float = 0.2, *, seed: int = 0) -> tuple[TrainingSet, TrainingSet]:
+        """Split into training and validation sets by image, so no image is in both.
+
+        Args:
+            validation: Share of the images that go to the validation set.
+            seed: Seed for the shuffle; the same seed gives the same split.
+
+        Example:
+            >>> train, val = dataset.split(0.25)  # doctest: +SKIP
+        """
+        if not 0 <= validation < 1:
+            raise ValueError(f"validation must be in [0, 1), got {validation}.")
+        images = sorted({sample.image for sample in self.samples})
+        random.Random(seed).shuffle(images)
+        held_out = set(images[: round(len(images) * validation)])
+        return (
+            TrainingSet([s for s in self.samples if s.image not in held_out], self.problems),
+            TrainingSet([s for s in self.samples if s.image in held_out], []),
+        )
+
+
+def detection_target(labels: Sequence[str], boxes: Sequence[Box], image_size: Sequence[int]) -> str:
+    """Write labelled boxes as a Florence-2 detection answer, in reading order.
+
+    Boxes are sorted top to bottom, then left to right, so that the same objects always give
+    the same target.
+
+    Example:
+        >>> detection_target(["dog", "cat"], [(50, 50, 90, 90), (0, 0, 40, 40)], (100, 100))
+        'cat<loc_0><loc_0><loc_400><loc_400>dog<loc_500><loc_500><loc_900><loc_900>'
+    """
+    pairs = sorted(zip(labels, boxes, strict=True), key=lambda pair: (pair[1][1], pair[1][0]))
+    return "".join(label + box_to_loc_tokens(box, image_size) for label, box in pairs)
+
+
+def grounding_target(phrase: str, boxes: Sequence[Box], image_size: Sequence[int]) -> str:
+    """Write a phrase and its boxes as a grounding answer: the phrase, then every box.
+
+    Example:
+        >>> grounding_target("a cat", [(0, 0, 40, 40)], (100, 100))
+        'a cat<loc_0><loc_0><loc_400><loc_400>'
+    """
+    ordered = sorted(boxes, key=lambda box: (box[1], box[0]))
+    return phrase + "".join(box_to_loc_tokens(box, image_size) for box in ordered)
+
+
+def read_coco(
+    annotations: str | Path | Mapping[str, Any],
+    images_dir: str | Path | None = None,
+    *,
+    task: str | Task = Task.OD,
+    on_error: OnError = "raise",
+) -> TrainingSet:
+    """Read a COCO detection dataset as training samples.
+
+    Args:
+        annotations: Path to the COCO JSON file, or the loaded dict.
+        images_dir: Folder the ``file_name`` entries are relative to; by default the JSON
+            file's folder.
+        task: ``OD`` gives one sample per image listing every object (images without objects
+            teach the model to answer with nothing). ``OPEN_VOCABULARY_DETECTION`` or
+            ``CAPTION_TO_PHRASE_GROUNDING`` give one sample per image and category present,
+            prompted with the category name.
+        on_error: ``"raise"`` an :class:`AnnotationError` listing every bad annotation, or
+            ``"skip"`` the images that have one, with a warning; they are in ``.problems``.
+
+    Returns:
+        A :class:`TrainingSet`.
+
+    Example:
+        >>> dataset = read_coco("shapes/annotations.json")  # doctest: +SKIP
+        >>> dataset[0].target  # doctest: +SKIP
+        'circle<loc_102><loc_215><loc_287><loc_479>square<loc_...>'
+    """
+    task = get_task(task).task
+    if task is not Task.OD and task not in _GROUNDING_TASKS:
+        raise ValueError(
+            f"COCO data can train OD or grounding ({', '.join(t.name for t in _GROUNDING_TASKS)})"
+            f", not {task.name}."
+        )
+    if isinstance(annotations, Mapping):
+        dataset, source = annotations, "COCO data"
+        root = Path(images_dir) if images_dir is not None else Path.cwd()
+    else:
+        path = Path(annotations).expanduser()
+        dataset = _read_json(path)
+        source = path.name
+        root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise ValueError(f"{source} is not a COCO detection file: it has no {key!r} list.")
+    categories = {int(c["id"]): str(c["name"]) for c in dataset["categories"]}
+    by_image: dict[int, list[Mapping[str, Any]]] = {int(i["id"]): [] for i in dataset["images"]}
+    problems: list[AnnotationProblem] = []
+    for number, annotation in enumerate(dataset["annotations"]):
+        if annotation.get("image_id") not in by_image:
+            where = f"{source} annotation {annotation.get('id', f'#{number}')}"
+            problems.append(
+                AnnotationProblem(where, f"unknown image_id {annotation.get('image_id')!r}")
+            )
+        else:
+            by_image[annotation["image_id"]].append(annotation)
+
+    samples: list[TrainingSample] = []
+    for entry in dataset["images"]:
+        where = f"{source} image {entry['id']} ({entry.get('file_name')})"
+        image_path = root / str(entry.get("file_name", ""))
+        try:
+            size = _checked_image_size(image_path, entry)
+            labels, boxes = [], []
+            for annotation in by_image[int(entry["id"])]:
+                if annotation.get("category_id") not in categories:
+                    raise _BadAnnotation(
+                        f"annotation {annotation.get('id')}: unknown category_id "
+                        f"{annotation.get('category_id')!r}"
+                    )
+                labels.append(categories[annotation["category_id"]])
+                boxes.append(_coco_box(annotation, size))
+        except (_BadAnnotation, RegionError) as error:
+            problems.append(AnnotationProblem(where, str(error)))
+            continue
+        if task is Task.OD:
+            samples.append(
+                TrainingSample(
+                    sample_id=where,
+                    image=image_path,
+                    image_size=size,
+                    task=task,
+                    prompt=build_prompt(task, size),
+                    target=detection_target(labels, boxes, size),
+                    labels=tuple(labels),
+                    boxes=tuple(boxes),
+                )
+            )
+            continue
+        for name in dict.fromkeys(labels):  # categories present, in first-seen order
+            own = [box for label, box in zip(labels, boxes, strict=True) if label == name]
+            samples.append(
+                TrainingSample(
+                    sample_id=f"{where} {name!r}",
+                    image=image_path,
+                    image_size=size,
+                    task=task,
+                    prompt=build_prompt(task, size, text=name),
+                    target=grounding_target(name, own, size),
+                    labels=(name,) * len(own),
+                    boxes=tuple(own),
+                    text=name,
+                )
+            )
+    return _finish(samples, problems, on_error)
+
+
+def read_grounding_jsonl(
+    path: str | Path,
+    images_dir: str | Path | None = None,
+    *,
+    grounding_task: str | Task = Task.OPEN_VOCABULARY_DETECTION,
+    on_error: OnError = "raise",
+) -> TrainingSet:
+    """Read grounding data in the JSON-lines format of the ms-swift Florence-2 guide.
+
+    Each line holds ``query``, ``response``, ``images`` (one path) and ``objects``: a list
+    (or a JSON string of a list) of ``[label, [x1, y1, x2, y2]]`` in pixels. A query containing
+    ``<ref-object>`` becomes a grounding sample (prompt: the label, target: the label and its
+    boxes); a query containing ``<bbox>`` becomes a ``REGION_TO_CATEGORY`` sample (prompt: the
+    region, target: the label followed by the region, as Florence-2 answers).
+
+    Args:
+        path: The ``.jsonl`` file.
+        images_dir: Folder that relative image paths are relative to; by default the file's
+            folder.
+        grounding_task: ``OPEN_VOCABULARY_DETECTION`` (as the ms-swift guide) or
+            ``CAPTION_TO_PHRASE_GROUNDING``.
+        on_error: ``"raise"`` or ``"skip"``, as in :func:`read_coco`.
+
+    Example:
+        >>> data = read_grounding_jsonl("refcoco.jsonl")  # doctest: +SKIP
+        >>> data[0].prompt  # doctest: +SKIP
+        '<OPEN_VOCABULARY_DETECTION>bottom right sandwich'
+    """
+    grounding = get_task(grounding_task).task
+    if grounding not in _GROUNDING_TASKS:
+        raise ValueError(
+            f"grounding_task must be one of {', '.join(t.name for t in _GROUNDING_TASKS)}."
+        )
+    path = Path(path).expanduser()
+    root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    samples: list[TrainingSample] = []
+    problems: list[AnnotationProblem] = []
+    sizes: dict[Path, tuple[int, int]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path.name} line {number}"
+        try:
+            record = json.loads(line)
+            query, objects = str(record["query"]), record["objects"]
+            images = record["images"]
+            if isinstance(objects, str):
+                objects = json.loads(objects)
+            if isinstance(images, str):
+                images = [images]
+            if len(images) != 1:
+                raise _BadAnnotation(f"expected one image, got {len(images)}")
+            image_path = Path(images[0]).expanduser()
+            image_path = image_path if image_path.is_absolute() else root / image_path
+            if image_path not in sizes:
+                sizes[image_path] = _checked_image_size(image_path, {})
+            size = sizes[image_path]
+            if not objects:
+                raise _BadAnnotation("no objects")
+            labels = [str(obj[0]).strip() for obj in objects]
+            boxes = [check_box(obj[1], size) for obj in objects]
+            if len(set(labels)) != 1:
+                raise _BadAnnotation(f"one label per line expected, got {sorted(set(labels))}")
+            if "<ref-object>" in query:
+                task, text, region = grounding, labels[0], None
+                prompt = build_prompt(task, size, text=text)
+                target = grounding_target(text, boxes, size)
+            elif "<bbox>" in query:
+                if len(boxes) != 1:
+                    raise _BadAnnotation(f"a region query needs one box, got {len(boxes)}")
+                task, text, region = Task.REGION_TO_CATEGORY, None, boxes[0]
+                prompt = build_prompt(task, size, region=region)
+                target = labels[0] + box_to_loc_tokens(region, size)
+            else:
+                raise _BadAnnotation(f"query {query!r} has neither <ref-object> nor <bbox>")
+        except json.JSONDecodeError as error:
+            problems.append(AnnotationProblem(where, f"not valid JSON ({error.msg})"))
+            continue
+        except (KeyError, IndexError, TypeError) as error:
+            problems.append(AnnotationProblem(where, f"malformed record ({error!r})"))
+            continue
+        except (_BadAnnotation, RegionError) as error:
+            problems.append(AnnotationProblem(where, str(error)))
+            continue
+        samples.append(
+            TrainingSample(
+                sample_id=where,
+                image=image_path,
+                image_size=size,
+                task=task,
+                prompt=prompt,
+                target=target,
+                labels=tuple(labels),
+                boxes=tuple(boxes),
+                text=text,
+                region=region,
+            )
+        )
+    return _finish(samples, problems, on_error)
+
+
+class _BadAnnotation(ValueError):
+    """An annotation problem found while reading one sample."""
+
+
+def _finish(
+    samples: list[TrainingSample], problems: list[AnnotationProblem], on_error: OnError
+) -> TrainingSet:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+    if problems and on_error == "raise":
+        raise AnnotationError(problems)
+    if problems:
+        listed = "; ".join(str(p) for p in problems[:5])
+        warnings.warn(
+            f"Skipped {len(problems)} bad annotation(s) (see .problems): {listed}"
+            + (" ..." if len(problems) > 5 else ""),
+            stacklevel=3,
+        )
+    return TrainingSet(samples, problems)
+
+
+def _read_json(path: Path) -> Mapping[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from None
+
+
+def _checked_image_size(path: Path, entry: Mapping[str, Any]) -> tuple[int, int]:
+    """The upright size of the image file, checked against the size the annotations give."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(_EXIF_ORIENTATION) in _ROTATED:
+                width, height = height, width
+    except FileNotFoundError:
+        raise _BadAnnotation(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise _BadAnnotation(f"image file unreadable: {path} ({error})") from None
+    given = (entry.get("width"), entry.get("height"))
+    if given != (None, None) and given != (width, height):
+        raise _BadAnnotation(
+            f"the annotations say {given[0]}x{given[1]} but the image is {width}x{height}"
+        )
+    return width, height
+
+
+def _coco_box(annotation: Mapping[str, Any], size: tuple[int, int]) -> Box:
+    """A COCO ``[x, y, w, h]`` as a checked ``(x1, y1, x2, y2)``."""
+    try:
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+    except (KeyError, TypeError, ValueError):
+        raise _BadAnnotation(
+            f"annotation {annotation.get('id')}: bbox must be [x, y, width, height], "
+            f"got {annotation.get('bbox')!r}"
+        ) from None
+    try:
+        return check_box((x, y, x + w, y + h), size)
+    except RegionError as error:
+        raise _BadAnnotation(f"annotation {annotation.get('id')}: {error}") from None
