@@ -328,6 +328,17 @@ def train(
             "train it (mixed precision is applied during training on CUDA)."
         )
 
+    limit = _florence(model).config.text_config.max_position_embeddings
+    too_long = [
+        s.sample_id for s in samples if len(processor.tokenizer(s.target)["input_ids"]) > limit
+    ]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} target(s) are longer than the {limit} tokens the decoder can "
+            f"write, e.g. {', '.join(too_long[:3])}. Split those images' objects over several "
+            "samples (for example one OPEN_VOCABULARY_DETECTION sample per category)."
+        )
+
     device = florence.device
     autocast_dtype = _autocast_dtype(config.mixed_precision, device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
@@ -348,8 +359,11 @@ def train(
             checkpoint, model, optimizer, scheduler, scaler, len(samples)
         )
 
+    unfinished = done_steps < total_steps
     features = (
-        _encode_images(model, processor, samples, device) if config.cache_image_features else None
+        _encode_images(model, processor, samples, device, progress)
+        if config.cache_image_features and unfinished
+        else None
     )
     prompt_ids = _prompt_ids(processor, samples) if features is not None else None
     if not done_steps:
@@ -357,6 +371,13 @@ def train(
     model.train()
     if config.freeze_vision:
         _florence(model).model.vision_tower.eval()
+
+    def save_checkpoint() -> None:
+        if checkpoint is not None:
+            _save_checkpoint(
+                checkpoint, model, optimizer, scheduler, scaler, done_steps, history, len(samples)
+            )
+
     bar = tqdm(
         total=total_steps, initial=done_steps, desc="training", unit="step", disable=not progress
     )
@@ -365,17 +386,8 @@ def train(
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
             for epoch in range(done_steps // steps_per_epoch, config.epochs):
-                order = torch.randperm(
-                    len(samples), generator=torch.Generator().manual_seed(config.seed + epoch)
-                ).tolist()
-                batches = [
-                    [samples[i] for i in order[b : b + config.batch_size]]
-                    for b in range(0, len(order), config.batch_size)
-                ]
-                groups = [
-                    batches[g : g + accumulation] for g in range(0, len(batches), accumulation)
-                ]
-                first = done_steps - epoch * steps_per_epoch
+                groups = _epoch_plan(samples, config.batch_size, accumulation, config.seed + epoch)
+                first = done_steps - epoch * steps_per_epoch  # steps of this epoch already done
                 epoch_losses = history.losses[len(history.losses) - first :] if first else []
 
                 def prepare(batch: list[TrainingSample]) -> dict[str, torch.Tensor]:
@@ -383,15 +395,11 @@ def train(
                         return collate(processor, batch)
                     return _cached_batch(processor, batch, prompt_ids, features)
 
-                queue = [batch for group in groups[first:] for batch in group]
-                upcoming = pool.submit(prepare, queue[0]) if queue else None
+                batches = _prefetched(pool, prepare, [b for group in groups[first:] for b in group])
                 for group in groups[first:]:
                     group_loss = 0.0
                     for batch_samples in group:
-                        inputs = upcoming.result()
-                        queue.pop(0)
-                        upcoming = pool.submit(prepare, queue[0]) if queue else None
-                        inputs = {k: v.to(device) for k, v in inputs.items()}
+                        inputs = {k: v.to(device) for k, v in next(batches).items()}
                         with torch.autocast(
                             device.type,
                             dtype=autocast_dtype or torch.float32,
@@ -420,38 +428,37 @@ def train(
                     bar.update(1)
                     bar.set_postfix(loss=f"{group_loss:.4f}", epoch=epoch + 1)
                     history.seconds = seconds_before + time.perf_counter() - started
-                    if (
-                        checkpoint is not None
-                        and config.checkpoint_every
-                        and (done_steps % config.checkpoint_every == 0)
-                    ):
-                        _save_checkpoint(
-                            checkpoint,
-                            model,
-                            optimizer,
-                            scheduler,
-                            scaler,
-                            done_steps,
-                            history,
-                            len(samples),
-                        )
+                    if config.checkpoint_every and done_steps % config.checkpoint_every == 0:
+                        save_checkpoint()
                 history.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
                 history.seconds = seconds_before + time.perf_counter() - started
-                if checkpoint is not None:
-                    _save_checkpoint(
-                        checkpoint,
-                        model,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        done_steps,
-                        history,
-                        len(samples),
-                    )
+                save_checkpoint()
     finally:
         bar.close()
         model.eval()
     return history
+
+
+def _epoch_plan(
+    samples: Sequence[TrainingSample], batch_size: int, accumulation: int, seed: int
+) -> list[list[list[TrainingSample]]]:
+    """One epoch in a seeded shuffled order: optimizer steps, each a list of batches."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [
+        [samples[i] for i in order[start : start + batch_size]]
+        for start in range(0, len(order), batch_size)
+    ]
+    return [batches[g : g + accumulation] for g in range(0, len(batches), accumulation)]
+
+
+def _prefetched(pool: ThreadPoolExecutor, prepare: Any, batches: list[Any]) -> Iterator[Any]:
+    """``prepare(batch)`` for each batch, the next one prepared on ``pool`` meanwhile."""
+    upcoming = pool.submit(prepare, batches[0]) if batches else None
+    for index in range(len(batches)):
+        current = upcoming.result()
+        if index + 1 < len(batches):
+            upcoming = pool.submit(prepare, batches[index + 1])
+        yield current
 
 
 @contextlib.contextmanager
@@ -486,12 +493,17 @@ def _is_peft(model: Any) -> bool:
 
 @torch.no_grad()
 def _encode_images(
-    model: Any, processor: Any, samples: Sequence[TrainingSample], device: torch.device
+    model: Any,
+    processor: Any,
+    samples: Sequence[TrainingSample],
+    device: torch.device,
+    progress: bool,
 ) -> dict[Path, torch.Tensor]:
     """The frozen vision tower's output for every distinct image, computed once."""
     tower = _florence(model).model.vision_tower
     features: dict[Path, torch.Tensor] = {}
-    for path in tqdm(dict.fromkeys(s.image for s in samples), desc="encoding images", unit="img"):
+    paths = dict.fromkeys(s.image for s in samples)
+    for path in tqdm(paths, desc="encoding images", unit="img", disable=not progress):
         pixels = processor.image_processor(load_image(path), return_tensors="pt")["pixel_values"]
         pixels = pixels.to(device, next(tower.parameters()).dtype)
         features[path] = tower(pixels).last_hidden_state[0]

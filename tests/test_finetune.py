@@ -201,3 +201,9 @@ def test_adapter_helpers_refuse_the_wrong_model(fresh, tmp_path):
         save_model(add_lora(fresh), tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(fresh, tmp_path)
+
+
+def test_a_target_longer_than_the_decoder_can_write_is_refused(fresh, shapes):
+    long = dataclasses.replace(shapes[0], target="circle<loc_1><loc_2><loc_3><loc_4>" * 300)
+    with pytest.raises(ValueError, match=r"longer than the 1024 tokens .* image 1 "):
+        train(fresh, [long, shapes[1]], TrainingConfig(epochs=1), progress=False)
