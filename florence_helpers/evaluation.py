@@ -233,6 +233,7 @@ def evaluate_samples(
     batch_size: int = 8,
     class_agnostic: bool = False,
     progress: bool | None = None,
+    **generate_kwargs: Any,
 ) -> SampleEvaluation:
     """Run the model on labelled samples and score its answers.
 
@@ -246,6 +247,7 @@ def evaluate_samples(
         batch_size: Images per ``generate`` call.
         class_agnostic: Score boxes whatever their label (see :func:`evaluate_detections`).
         progress: Show progress bars.
+        **generate_kwargs: Passed on to :func:`~florence_helpers.run` for every task.
 
     Example:
         >>> evaluate_samples(florence, validation).summary()  # doctest: +SKIP
@@ -271,6 +273,7 @@ def evaluate_samples(
             num_beams=num_beams,
             batch_size=batch_size,
             progress=progress,
+            **generate_kwargs,
         )
         for i, answer in zip(indices, answers, strict=True):
             results[i] = answer

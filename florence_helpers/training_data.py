@@ -176,7 +176,9 @@ def read_coco(
         task: ``OD`` gives one sample per image listing every object (images without objects
             teach the model to answer with nothing). ``OPEN_VOCABULARY_DETECTION`` or
             ``CAPTION_TO_PHRASE_GROUNDING`` give one sample per image and category present,
-            prompted with the category name.
+            prompted with the category name. ``REGION_TO_CATEGORY`` gives one sample per
+            object, prompted with its box; the target is its category followed by the box, as
+            Florence-2 answers.
         on_error: ``"raise"`` an :class:`AnnotationError` listing every bad annotation, or
             ``"skip"`` the images that have one, with a warning; they are in ``.problems``.
 
@@ -189,10 +191,10 @@ def read_coco(
         'circle<loc_102><loc_215><loc_287><loc_479>square<loc_...>'
     """
     task = get_task(task).task
-    if task is not Task.OD and task not in _GROUNDING_TASKS:
+    if task not in (Task.OD, Task.REGION_TO_CATEGORY, *_GROUNDING_TASKS):
         raise ValueError(
-            f"COCO data can train OD or grounding ({', '.join(t.name for t in _GROUNDING_TASKS)})"
-            f", not {task.name}."
+            f"COCO data can train OD, REGION_TO_CATEGORY or grounding "
+            f"({', '.join(t.name for t in _GROUNDING_TASKS)}), not {task.name}."
         )
     if isinstance(annotations, Mapping):
         dataset, source = annotations, "COCO data"
@@ -248,6 +250,22 @@ def read_coco(
                     boxes=tuple(boxes),
                 )
             )
+            continue
+        if task is Task.REGION_TO_CATEGORY:
+            for number, (label, box) in enumerate(zip(labels, boxes, strict=True), start=1):
+                samples.append(
+                    TrainingSample(
+                        sample_id=f"{where} object {number}",
+                        image=image_path,
+                        image_size=size,
+                        task=task,
+                        prompt=build_prompt(task, size, region=box),
+                        target=label + box_to_loc_tokens(box, size),
+                        labels=(label,),
+                        boxes=(box,),
+                        region=box,
+                    )
+                )
             continue
         for name in dict.fromkeys(labels):  # categories present, in first-seen order
             own = [box for label, box in zip(labels, boxes, strict=True) if label == name]

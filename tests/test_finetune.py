@@ -8,9 +8,12 @@ from falling that far or the boxes from matching.
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from florence_helpers import load_model
 from florence_helpers.evaluation import evaluate_samples
@@ -27,7 +30,8 @@ from florence_helpers.finetune import (
     trainable_parameters,
 )
 from florence_helpers.sample_data import make_shapes_dataset
-from florence_helpers.training_data import read_coco
+from florence_helpers.testing import force_answers
+from florence_helpers.training_data import read_coco, read_grounding_jsonl
 
 LEARNS = {"epochs": 300, "batch_size": 4, "warmup_fraction": 0.05}
 LEARNING_RATE = {"lora": 1e-2, "full": 3e-3}  # full fine-tuning wants a gentler rate
@@ -207,3 +211,39 @@ def test_a_target_longer_than_the_decoder_can_write_is_refused(fresh, shapes):
     long = dataclasses.replace(shapes[0], target="circle<loc_1><loc_2><loc_3><loc_4>" * 300)
     with pytest.raises(ValueError, match=r"longer than the 1024 tokens .* image 1 "):
         train(fresh, [long, shapes[1]], TrainingConfig(epochs=1), progress=False)
+
+
+def test_evaluate_samples_scores_canned_answers(florence, tmp_path):
+    Image.new("RGB", (640, 480)).save(tmp_path / "photo.jpg")
+    lines = [
+        {"query": query, "response": "", "images": ["photo.jpg"], "objects": [[label, box]]}
+        for query in ("Find <ref-object>", "Find <bbox>")
+        for label, box in (("cat", [0, 0, 320, 240]), ("dog", [320, 240, 640, 480]))
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    data = read_grounding_jsonl(path)
+    grounding, regions = data.samples[:2], data.samples[2:]
+
+    # The cat is found where it is; the dog is put where the cat is (IoU 0 with its box).
+    answers = ["cat<loc_0><loc_0><loc_500><loc_500>", "dog<loc_0><loc_0><loc_500><loc_500>"]
+    found = evaluate_samples(
+        florence,
+        grounding,
+        num_beams=1,
+        logits_processor=force_answers(florence.processor, answers),
+    )
+    assert found.grounding_accuracy == 0.5
+    assert found.map50 == pytest.approx(0.5)  # cat AP 1, dog AP 0
+    assert not found.constant_scores and np.isnan(found.region_accuracy)
+
+    # Case and the echoed region do not matter; a wrong word does.
+    answers = ["Cat<loc_0><loc_0><loc_499><loc_499>", "bird<loc_500><loc_500><loc_999><loc_999>"]
+    named = evaluate_samples(
+        florence,
+        regions,
+        num_beams=1,
+        logits_processor=force_answers(florence.processor, answers),
+    )
+    assert named.region_accuracy == 0.5
+    assert np.isnan(named.map) and np.isnan(named.grounding_accuracy)

@@ -238,3 +238,19 @@ def test_unreadable_files_give_clear_errors(tmp_path):
     )
     with pytest.raises(AnnotationError, match="image file unreadable"):
         read_coco(tmp_path / "c.json")
+
+
+def test_region_samples_are_one_per_object(tmp_path):
+    path = _coco(
+        tmp_path,
+        [
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0, 0, 20, 20]},
+            {"id": 2, "image_id": 2, "category_id": 1, "bbox": [100, 50, 20, 20]},
+        ],
+    )
+    first, second = read_coco(path, task="REGION_TO_CATEGORY")
+    assert first.prompt == "<REGION_TO_CATEGORY><loc_0><loc_0><loc_100><loc_200>"
+    assert first.target == "dog<loc_0><loc_0><loc_100><loc_200>"
+    assert (second.sample_id, second.labels) == ("coco.json image 2 (b.png) object 1", ("cat",))
+    with pytest.raises(ValueError, match="not OCR"):
+        read_coco(path, task="OCR")
