@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import load_image
-from .model import FlorenceModel
+from .model import FlorenceModel, cuda_half_dtype
 from .training_data import TrainingSample
 
 LORA_TARGET_MODULES = (
@@ -479,7 +479,7 @@ def _warmup_then_decay(step: int, warmup: int, total: int) -> float:
 def _autocast_dtype(mixed_precision: bool | None, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda" or mixed_precision is False:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return cuda_half_dtype()
 
 
 def _florence(model: Any) -> Any:

@@ -86,6 +86,16 @@ _DTYPE_NAMES = {
 }
 
 
+def cuda_half_dtype() -> torch.dtype:
+    """bf16 where the GPU computes it natively (Ampere and later), else fp16.
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes for emulated bf16 (a T4, for
+    example), which is several times slower than fp16 there.
+    """
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.bfloat16 if native else torch.float16
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """``"auto"``: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on CPU and MPS.
 
@@ -95,9 +105,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return cuda_half_dtype() if device.type == "cuda" else torch.float32
     try:
         return _DTYPE_NAMES[str(dtype).lower()]
     except KeyError:

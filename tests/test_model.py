@@ -128,3 +128,14 @@ def test_tiny_tokenizer_has_every_florence_token(processor):
     # Location tokens are never split, and text round-trips.
     text = "a red car<loc_0><loc_999><sep><poly>"
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_emulated_bf16_is_not_chosen(monkeypatch):
+    # A T4 reports bf16 support only through emulation, which is slower than fp16 there.
+    def supported(including_emulation=True):
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
