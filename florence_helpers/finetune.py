@@ -397,23 +397,27 @@ def train(
 
                 batches = _prefetched(pool, prepare, [b for group in groups[first:] for b in group])
                 for group in groups[first:]:
+                    prepared = [next(batches) for _ in group]
+                    # Average over every target token of the step, not per batch, so that
+                    # accumulating two batches of 2 gives the same gradient as one batch of 4.
+                    tokens = sum(int((inputs["labels"] != -100).sum()) for inputs in prepared)
                     group_loss = 0.0
-                    for batch_samples in group:
-                        inputs = {k: v.to(device) for k, v in next(batches).items()}
+                    for inputs in prepared:
+                        inputs = {k: v.to(device) for k, v in inputs.items()}
                         with torch.autocast(
                             device.type,
                             dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None,
                         ):
-                            loss = _forward(model, inputs).loss
+                            loss = _forward(model, inputs, num_items_in_batch=tokens).loss
                         if not torch.isfinite(loss):
                             raise FloatingPointError(
                                 f"The loss became {loss.item()} at step {done_steps + 1}: "
                                 "lower the learning rate."
                             )
-                        scaler.scale(loss / len(group)).backward()
-                        group_loss += loss.item() / len(group)
-                        history.samples_seen += len(batch_samples)
+                        scaler.scale(loss).backward()
+                        group_loss += loss.item()
+                        history.samples_seen += len(inputs["labels"])
                     if config.max_grad_norm is not None:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
@@ -541,10 +545,10 @@ def _cached_batch(
     }
 
 
-def _forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
+def _forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
     """The model's forward pass; with cached features, the image tokens are filled in here."""
     if "image_features" not in inputs:
-        return model(**inputs)
+        return model(**inputs, **kwargs)
     inputs = dict(inputs)
     base = _florence(model)
     image = base.model.multi_modal_projector(inputs.pop("image_features"))
@@ -552,7 +556,7 @@ def _forward(model: Any, inputs: dict[str, torch.Tensor]) -> Any:
     embeds = base.get_input_embeddings()(ids)
     where = (ids == base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     embeds = embeds.masked_scatter(where, image.to(embeds.dtype))
-    return model(inputs_embeds=embeds, **inputs)
+    return model(inputs_embeds=embeds, **inputs, **kwargs)
 
 
 def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
