@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, overload
 
@@ -253,17 +254,78 @@ def _beam_cache() -> Any:
     return SharedCrossAttentionCache(DynamicCache(), DynamicCache())
 
 
+_SHARED_KV_ATTENTION = "florence_shared_kv_sdpa"
+
+
+def _shared_kv_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, except that a decoding step's cross-attention reads each item's keys once.
+
+    In beam search the beams of one item attend to the same encoder states, so their
+    cross-attention keys and values are identical copies. Reading them once per item, with
+    the beams as that item's query positions, gives the same result while reading a third of
+    the memory at 3 beams; on a CPU that reading is most of a decoding step's cross-attention.
+    Applies to modules tagged by :func:`_sharing_cross_attention`; all else is plain SDPA.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    beams = getattr(module, "_florence_beams", 1)
+    rows, heads, steps, dim = query.shape
+    if beams == 1 or steps != 1 or rows % beams or key.shape[0] != rows:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    items = rows // beams
+    grouped = query.reshape(items, beams, heads, dim).transpose(1, 2)
+    mask = attention_mask[::beams] if attention_mask is not None else None
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key[::beams], value[::beams], attn_mask=mask, scale=kwargs.get("scaling")
+    )
+    # (items, heads, beams, dim) -> (rows, 1, heads, dim), the layout SDPA's wrapper returns.
+    return out.permute(0, 2, 1, 3).reshape(rows, 1, heads, dim), None
+
+
+@contextlib.contextmanager
+def _sharing_cross_attention(model: Any, beams: int) -> Iterator[None]:
+    """Route the text decoder's cross-attention through :func:`_shared_kv_attention`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    text_config = model.config.text_config
+    if beams == 1 or text_config._attn_implementation != "sdpa":
+        yield
+        return
+    AttentionInterface.register(_SHARED_KV_ATTENTION, _shared_kv_attention)
+    # Without a mask function of its own, an attention name gets no padding mask at all.
+    AttentionMaskInterface.register(_SHARED_KV_ATTENTION, sdpa_mask)
+    cross = [layer.encoder_attn for layer in model.modules() if hasattr(layer, "encoder_attn")]
+    for attention in cross:
+        attention._florence_beams = beams
+    text_config._attn_implementation = _SHARED_KV_ATTENTION
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = "sdpa"
+        for attention in cross:
+            del attention._florence_beams
+
+
 def _generate(
     florence: FlorenceModel, inputs: Any, with_scores: bool, **generate_kwargs: Any
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """Generate; return the sequences and, with scores, each generated token's log-probability."""
     model = florence.model
     static = model.generation_config.cache_implementation is not None
-    if generate_kwargs.get("num_beams", 1) > 1 and not static:
+    beams = generate_kwargs.get("num_beams", 1)
+    if beams > 1 and not static:
         generate_kwargs.setdefault("past_key_values", _beam_cache())
     if with_scores:
         generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), _sharing_cross_attention(model, beams if not static else 1):
         outputs = model.generate(**inputs, do_sample=False, **generate_kwargs)
         if not with_scores:
             return outputs, None

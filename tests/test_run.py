@@ -201,3 +201,44 @@ def test_unforced_generation_runs_and_parses(florence, photo):
     assert isinstance(result, BoxesResult)
     assert result.boxes.shape[1] == 4
     assert torch.is_grad_enabled()
+
+
+def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
+    florence, photo, monkeypatch
+):
+    import florence_helpers.inference as inference
+
+    grouped_calls = []
+    real = inference._shared_kv_attention
+
+    def spy(module, query, *args, **kwargs):
+        if getattr(module, "_florence_beams", 1) > 1 and query.shape[2] == 1:
+            grouped_calls.append(query.shape[0])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "_shared_kv_attention", spy)
+    # Two prompts of different lengths, so the cross-attention mask has padding in it.
+    inputs = florence.processor(
+        text=["<OD>", "<OPEN_VOCABULARY_DETECTION>a red car on the left"],
+        images=[photo, photo],
+        return_tensors="pt",
+        padding="longest",
+    )
+    settings = dict(
+        num_beams=3,
+        max_new_tokens=12,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    model = florence.model
+    with torch.inference_mode():
+        plain = model.generate(**inputs, **settings)
+        with inference._sharing_cross_attention(model, 3):
+            shared = model.generate(**inputs, **settings)
+    assert grouped_calls and set(grouped_calls) == {6}  # 2 items x 3 beams, grouped per item
+    assert torch.equal(plain.sequences, shared.sequences)
+    for a, b in zip(plain.logits, shared.logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert not any(hasattr(module, "_florence_beams") for module in model.modules())
