@@ -238,50 +238,27 @@ def read_coco(
             problems.append(AnnotationProblem(where, str(error)))
             continue
         if task is Task.OD:
-            samples.append(
-                TrainingSample(
-                    sample_id=where,
-                    image=image_path,
-                    image_size=size,
-                    task=task,
-                    prompt=build_prompt(task, size),
-                    target=detection_target(labels, boxes, size),
-                    labels=tuple(labels),
-                    boxes=tuple(boxes),
+            groups = [(where, labels, boxes, None, None)]
+        elif task is Task.REGION_TO_CATEGORY:
+            groups = [
+                (f"{where} object {n}", [label], [box], None, box)
+                for n, (label, box) in enumerate(zip(labels, boxes, strict=True), start=1)
+            ]
+        else:  # grounding: one sample per category present, in first-seen order
+            groups = [
+                (
+                    f"{where} {name!r}",
+                    [name] * labels.count(name),
+                    [b for label, b in zip(labels, boxes, strict=True) if label == name],
+                    name,
+                    None,
                 )
-            )
-            continue
-        if task is Task.REGION_TO_CATEGORY:
-            for number, (label, box) in enumerate(zip(labels, boxes, strict=True), start=1):
-                samples.append(
-                    TrainingSample(
-                        sample_id=f"{where} object {number}",
-                        image=image_path,
-                        image_size=size,
-                        task=task,
-                        prompt=build_prompt(task, size, region=box),
-                        target=label + box_to_loc_tokens(box, size),
-                        labels=(label,),
-                        boxes=(box,),
-                        region=box,
-                    )
-                )
-            continue
-        for name in dict.fromkeys(labels):  # categories present, in first-seen order
-            own = [box for label, box in zip(labels, boxes, strict=True) if label == name]
-            samples.append(
-                TrainingSample(
-                    sample_id=f"{where} {name!r}",
-                    image=image_path,
-                    image_size=size,
-                    task=task,
-                    prompt=build_prompt(task, size, text=name),
-                    target=grounding_target(name, own, size),
-                    labels=(name,) * len(own),
-                    boxes=tuple(own),
-                    text=name,
-                )
-            )
+                for name in dict.fromkeys(labels)
+            ]
+        samples += [
+            _sample(sample_id, image_path, size, task, own_labels, own_boxes, text, region)
+            for sample_id, own_labels, own_boxes, text, region in groups
+        ]
     return _finish(samples, problems, on_error)
 
 
@@ -354,14 +331,10 @@ def read_grounding_jsonl(
                 raise _BadAnnotation(f"one label per line expected, got {sorted(set(labels))}")
             if "<ref-object>" in query:
                 task, text, region = grounding, labels[0], None
-                prompt = build_prompt(task, size, text=text)
-                target = grounding_target(text, boxes, size)
             elif "<bbox>" in query:
                 if len(boxes) != 1:
                     raise _BadAnnotation(f"a region query needs one box, got {len(boxes)}")
                 task, text, region = Task.REGION_TO_CATEGORY, None, boxes[0]
-                prompt = build_prompt(task, size, region=region)
-                target = labels[0] + box_to_loc_tokens(region, size)
             else:
                 raise _BadAnnotation(f"query {query!r} has neither <ref-object> nor <bbox>")
         except json.JSONDecodeError as error:
@@ -373,21 +346,40 @@ def read_grounding_jsonl(
         except (_BadAnnotation, RegionError) as error:
             problems.append(AnnotationProblem(where, str(error)))
             continue
-        samples.append(
-            TrainingSample(
-                sample_id=where,
-                image=image_path,
-                image_size=size,
-                task=task,
-                prompt=prompt,
-                target=target,
-                labels=tuple(labels),
-                boxes=tuple(boxes),
-                text=text,
-                region=region,
-            )
-        )
+        samples.append(_sample(where, image_path, size, task, labels, boxes, text, region))
     return _finish(samples, problems, on_error)
+
+
+def _sample(
+    sample_id: str,
+    image: Path,
+    size: tuple[int, int],
+    task: Task,
+    labels: Sequence[str],
+    boxes: Sequence[Box],
+    text: str | None = None,
+    region: Box | None = None,
+) -> TrainingSample:
+    """A sample with its prompt and target written for ``task``."""
+    if task is Task.OD:
+        prompt, target = build_prompt(task, size), detection_target(labels, boxes, size)
+    elif task is Task.REGION_TO_CATEGORY:
+        prompt = build_prompt(task, size, region=region)
+        target = labels[0] + box_to_loc_tokens(region, size)  # label, then the region echoed
+    else:
+        prompt, target = build_prompt(task, size, text=text), grounding_target(text, boxes, size)
+    return TrainingSample(
+        sample_id=sample_id,
+        image=image,
+        image_size=size,
+        task=task,
+        prompt=prompt,
+        target=target,
+        labels=tuple(labels),
+        boxes=tuple(boxes),
+        text=text,
+        region=region,
+    )
 
 
 class _BadAnnotation(ValueError):
