@@ -282,31 +282,7 @@ def evaluate_samples(
     mean_ap = mean_ap50 = float("nan")
     constant = False
     if boxed:
-        names = sorted({label for i in boxed for label in samples[i].labels})
-        category = {name: number + 1 for number, name in enumerate(names)}
-        truth = {
-            "images": [
-                {"id": i + 1, "file_name": f"sample {i}", "width": w, "height": h}
-                for i in boxed
-                for w, h in [samples[i].image_size]
-            ],
-            "categories": [{"id": category[n], "name": n} for n in names],
-            "annotations": [
-                {
-                    "id": number + 1,
-                    "image_id": i + 1,
-                    "category_id": category[label],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
-                    "iscrowd": 0,
-                }
-                for number, (i, label, (x1, y1, x2, y2)) in enumerate(
-                    (i, label, box)
-                    for i in boxed
-                    for label, box in zip(samples[i].labels, samples[i].boxes, strict=True)
-                )
-            ],
-        }
+        truth = _ground_truth(samples, boxed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # constant scores are reported in the result
             detections = evaluate_detections(
@@ -332,3 +308,30 @@ def evaluate_samples(
         region_accuracy=float(np.mean(right)) if right else float("nan"),
         results=results,
     )
+
+
+def _ground_truth(samples: list[Any], indices: list[int]) -> dict[str, Any]:
+    """The samples' labelled boxes as a COCO dataset, one COCO image (``"sample i"``) each.
+
+    Each sample is its own image because one photo can give several samples (one per category
+    for grounding), each with only its own boxes to find.
+    """
+    names = sorted({label for i in indices for label in samples[i].labels})
+    category = {name: number + 1 for number, name in enumerate(names)}
+    images, annotations = [], []
+    for i in indices:
+        width, height = samples[i].image_size
+        images.append({"id": i + 1, "file_name": f"sample {i}", "width": width, "height": height})
+        for label, (x1, y1, x2, y2) in zip(samples[i].labels, samples[i].boxes, strict=True):
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": category[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": category[name], "name": name} for name in names]
+    return {"images": images, "categories": categories, "annotations": annotations}
