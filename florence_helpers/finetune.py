@@ -372,6 +372,11 @@ def train(
     if config.freeze_vision:
         _florence(model).model.vision_tower.eval()
 
+    def prepare(batch: list[TrainingSample]) -> dict[str, torch.Tensor]:
+        if features is None:
+            return collate(processor, batch)
+        return _cached_batch(processor, batch, prompt_ids, features)
+
     def save_checkpoint() -> None:
         if checkpoint is not None:
             _save_checkpoint(
@@ -389,11 +394,6 @@ def train(
                 groups = _epoch_plan(samples, config.batch_size, accumulation, config.seed + epoch)
                 first = done_steps - epoch * steps_per_epoch  # steps of this epoch already done
                 epoch_losses = history.losses[len(history.losses) - first :] if first else []
-
-                def prepare(batch: list[TrainingSample]) -> dict[str, torch.Tensor]:
-                    if features is None:
-                        return collate(processor, batch)
-                    return _cached_batch(processor, batch, prompt_ids, features)
 
                 batches = _prefetched(pool, prepare, [b for group in groups[first:] for b in group])
                 for group in groups[first:]:
