@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .conversions import coco_categories
 from .results import BoxesResult
 
 _AGNOSTIC = "object"
@@ -316,8 +317,7 @@ def _ground_truth(samples: list[Any], indices: list[int]) -> dict[str, Any]:
     Each sample is its own image because one photo can give several samples (one per category
     for grounding), each with only its own boxes to find.
     """
-    names = sorted({label for i in indices for label in samples[i].labels})
-    category = {name: number + 1 for number, name in enumerate(names)}
+    category = coco_categories(sorted({label for i in indices for label in samples[i].labels}))
     images, annotations = [], []
     for i in indices:
         width, height = samples[i].image_size
@@ -333,5 +333,5 @@ def _ground_truth(samples: list[Any], indices: list[int]) -> dict[str, Any]:
                     "iscrowd": 0,
                 }
             )
-    categories = [{"id": category[name], "name": name} for name in names]
+    categories = [{"id": number, "name": name} for name, number in category.items()]
     return {"images": images, "categories": categories, "annotations": annotations}
