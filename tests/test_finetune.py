@@ -245,25 +245,23 @@ def test_evaluate_samples_scores_canned_answers(florence, tmp_path):
     data = read_grounding_jsonl(path)
     grounding, regions = data.samples[:2], data.samples[2:]
 
+    def evaluate_forced(samples, answers):
+        forced = force_answers(florence.processor, answers)
+        return evaluate_samples(florence, samples, num_beams=1, logits_processor=forced)
+
     # The cat is found where it is; the dog is put where the cat is (IoU 0 with its box).
-    answers = ["cat<loc_0><loc_0><loc_500><loc_500>", "dog<loc_0><loc_0><loc_500><loc_500>"]
-    found = evaluate_samples(
-        florence,
+    found = evaluate_forced(
         grounding,
-        num_beams=1,
-        logits_processor=force_answers(florence.processor, answers),
+        ["cat<loc_0><loc_0><loc_500><loc_500>", "dog<loc_0><loc_0><loc_500><loc_500>"],
     )
     assert found.grounding_accuracy == 0.5
     assert found.map50 == pytest.approx(0.5)  # cat AP 1, dog AP 0
     assert not found.constant_scores and np.isnan(found.region_accuracy)
 
     # Case and the echoed region do not matter; a wrong word does.
-    answers = ["Cat<loc_0><loc_0><loc_499><loc_499>", "bird<loc_500><loc_500><loc_999><loc_999>"]
-    named = evaluate_samples(
-        florence,
+    named = evaluate_forced(
         regions,
-        num_beams=1,
-        logits_processor=force_answers(florence.processor, answers),
+        ["Cat<loc_0><loc_0><loc_499><loc_499>", "bird<loc_500><loc_500><loc_999><loc_999>"],
     )
     assert named.region_accuracy == 0.5
     assert np.isnan(named.map) and np.isnan(named.grounding_accuracy)
