@@ -33,8 +33,16 @@ from florence_helpers.sample_data import make_shapes_dataset
 from florence_helpers.testing import force_answers
 from florence_helpers.training_data import read_coco, read_grounding_jsonl
 
-LEARNS = {"epochs": 300, "batch_size": 4, "warmup_fraction": 0.05}
-LEARNING_RATE = {"lora": 1e-2, "full": 3e-3}  # full fine-tuning wants a gentler rate
+# Settings under which the tiny model learns four generated images by heart, with a wide margin:
+# measured on this project's 2-core machine, every data/training seed 0-4 at 1 and 2 torch
+# threads already reaches mAP@.5 = 1.0 after a third of these epochs (LoRA 150, full 100). An
+# earlier setting (learning rate 1e-2, LoRA dropout 0.05) sat at the edge: one seed in five
+# failed, and under load floating-point noise decided the result.
+LEARNS = {
+    "lora": {"epochs": 450, "learning_rate": 5e-3},
+    "full": {"epochs": 300, "learning_rate": 3e-3},  # full fine-tuning wants a gentler rate
+}
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}  # no dropout: the same run whatever the RNG
 
 
 @pytest.fixture(scope="module")
@@ -179,19 +187,44 @@ def test_training_refuses_what_it_cannot_do(tiny_model_dir, shapes):
         train(florence, [], TrainingConfig())
 
 
+@pytest.fixture(scope="module")
+def shapes_by_seed(tmp_path_factory):
+    """Four generated images per seed: each seed draws other shapes in other places."""
+    folder = tmp_path_factory.mktemp("seeds")
+    return {
+        seed: read_coco(make_shapes_dataset(folder / str(seed), num_images=4, seed=seed))
+        for seed in range(5)
+    }
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test; the previous count is restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fine_tuning_reproduces_the_training_annotations(tiny_model_dir, shapes, method):
+def test_fine_tuning_reproduces_the_training_annotations(
+    tiny_model_dir, shapes_by_seed, torch_threads, method, seed, threads
+):
+    torch_threads(threads)
+    samples = shapes_by_seed[seed]
     florence = load_model(tiny_model_dir, device="cpu")
     if method == "lora":
-        florence = add_lora(florence, rank=16, alpha=32)
+        florence = add_lora(florence, **LORA)
         trainable, total = trainable_parameters(florence.model)
         assert trainable < 0.5 * total
-    before = evaluate_samples(florence, shapes, num_beams=1)
+    # The targets are under 30 tokens; the untrained model's noise would run to 1024.
+    before = evaluate_samples(florence, samples, num_beams=1, max_new_tokens=100)
     config = TrainingConfig(
-        **LEARNS, learning_rate=LEARNING_RATE[method], cache_image_features=True
+        **LEARNS[method], batch_size=4, warmup_fraction=0.05, cache_image_features=True, seed=seed
     )
-    history = train(florence, shapes, config, progress=False)
-    after = evaluate_samples(florence, shapes, num_beams=1)
+    history = train(florence, samples, config, progress=False)
+    after = evaluate_samples(florence, samples, num_beams=1, max_new_tokens=100)
     assert history.loss_drop() >= 0.9
     assert after.map50 == 1.0 > before.map50
     assert not after.constant_scores
