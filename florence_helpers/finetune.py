@@ -11,8 +11,8 @@ The loop is plain PyTorch so that every step is visible:
 3. :func:`add_lora` wraps the model with a peft LoRA adapter; without it :func:`train` updates
    every unfrozen weight (full fine-tuning).
 4. :func:`train` runs AdamW with linear warm-up and decay, gradient accumulation, clipping,
-   mixed precision on CUDA, a tqdm bar and a loss history, and can write an atomic checkpoint
-   to resume from.
+   mixed precision (on CUDA by default, on CPU when asked), a tqdm bar and a loss history,
+   and can write an atomic checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import load_image
-from .model import FlorenceModel, cuda_half_dtype
+from .model import FlorenceModel, base_model, cuda_half_dtype, embed_prompts, is_peft, vision_tower
 from .training_data import TrainingSample
 
 LORA_TARGET_MODULES = (
@@ -74,8 +74,10 @@ class TrainingConfig:
         cache_image_features: Encode each image once and reuse its features every epoch.
             Needs ``freeze_vision``. Costs memory: about 2.4 MB per image for base, 4.7 MB for
             large (on the model's device).
-        mixed_precision: Autocast to bf16 (or fp16 with loss scaling) on CUDA. ``None``: on
-            CUDA only. Ignored on CPU.
+        mixed_precision: Autocast the forward pass to half precision while the trainable
+            weights stay float32: bf16 (or fp16 with loss scaling where the GPU lacks bf16) on
+            CUDA, bf16 on CPU. ``None``: on CUDA only; ``True`` also on CPU, where it pays
+            only on processors with native bf16 (AVX512-BF16 or AMX).
         seed: Seed for the shuffling and dropout; the same seed gives the same run.
         checkpoint_dir: Where to write ``checkpoint.pt`` (atomically) to resume from.
         checkpoint_every: Also write it every this many optimizer steps (0: at epoch ends only).
@@ -181,7 +183,7 @@ def collate(
 
 def freeze_vision_tower(model: Any) -> int:
     """Stop gradients to the image encoder and put it in eval mode. Returns parameters frozen."""
-    tower = _florence(model).model.vision_tower
+    tower = vision_tower(model)
     tower.requires_grad_(False)
     tower.eval()
     return sum(p.numel() for p in tower.parameters())
@@ -228,7 +230,7 @@ def add_lora(
 
 def save_adapter(florence: FlorenceModel, path: str | Path) -> Path:
     """Write the LoRA adapter (a few MB) and the processor to ``path``."""
-    if not _is_peft(florence.model):
+    if not is_peft(florence.model):
         raise TypeError("This model has no LoRA adapter: save it with save_model instead.")
     out = Path(path)
     florence.model.save_pretrained(out)
@@ -257,14 +259,14 @@ def load_adapter(
 
 def merge_adapter(florence: FlorenceModel) -> FlorenceModel:
     """Fold the LoRA update into the base weights: a plain Florence-2 model, as fast as before."""
-    if not _is_peft(florence.model):
+    if not is_peft(florence.model):
         raise TypeError("This model has no LoRA adapter to merge.")
     return dataclasses.replace(florence, model=florence.model.merge_and_unload().eval())
 
 
 def save_model(florence: FlorenceModel, path: str | Path) -> Path:
     """Write a full (or merged) model with its processor; ``load_model(path)`` reads it back."""
-    if _is_peft(florence.model):
+    if is_peft(florence.model):
         raise TypeError("Merge the adapter first (merge_adapter), or save it with save_adapter.")
     out = Path(path)
     florence.model.save_pretrained(out)
@@ -325,10 +327,10 @@ def train(
     if low:
         raise ValueError(
             f"Trainable weights are {', '.join(low)}: load the model with dtype='float32' to "
-            "train it (mixed precision is applied during training on CUDA)."
+            "train it (TrainingConfig.mixed_precision applies half precision during training)."
         )
 
-    limit = _florence(model).config.text_config.max_position_embeddings
+    limit = base_model(model).config.text_config.max_position_embeddings
     too_long = [
         s.sample_id for s in samples if len(processor.tokenizer(s.target)["input_ids"]) > limit
     ]
@@ -370,7 +372,7 @@ def train(
         torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
     model.train()
     if config.freeze_vision:
-        _florence(model).model.vision_tower.eval()
+        vision_tower(model).eval()
 
     def prepare(batch: list[TrainingSample]) -> dict[str, torch.Tensor]:
         if features is None:
@@ -481,18 +483,13 @@ def _warmup_then_decay(step: int, warmup: int, total: int) -> float:
 
 
 def _autocast_dtype(mixed_precision: bool | None, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or mixed_precision is False:
+    if mixed_precision is False:
         return None
-    return cuda_half_dtype()
-
-
-def _florence(model: Any) -> Any:
-    """The ``Florence2ForConditionalGeneration`` inside a peft wrapper (or the model itself)."""
-    return model.get_base_model() if _is_peft(model) else model
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+    if device.type == "cuda":
+        return cuda_half_dtype()
+    if device.type == "cpu" and mixed_precision:
+        return torch.bfloat16
+    return None
 
 
 @torch.no_grad()
@@ -504,7 +501,7 @@ def _encode_images(
     progress: bool,
 ) -> dict[Path, torch.Tensor]:
     """The frozen vision tower's output for every distinct image, computed once."""
-    tower = _florence(model).model.vision_tower
+    tower = vision_tower(model)
     features: dict[Path, torch.Tensor] = {}
     paths = dict.fromkeys(s.image for s in samples)
     for path in tqdm(paths, desc="encoding images", unit="img", disable=not progress):
@@ -550,12 +547,8 @@ def _forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
     if "image_features" not in inputs:
         return model(**inputs, **kwargs)
     inputs = dict(inputs)
-    base = _florence(model)
-    image = base.model.multi_modal_projector(inputs.pop("image_features"))
-    ids = inputs.pop("input_ids")
-    embeds = base.get_input_embeddings()(ids)
-    where = (ids == base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    embeds = embeds.masked_scatter(where, image.to(embeds.dtype))
+    image = base_model(model).model.multi_modal_projector(inputs.pop("image_features"))
+    embeds = embed_prompts(model, inputs.pop("input_ids"), image)
     return model(inputs_embeds=embeds, **inputs, **kwargs)
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, overload
 
@@ -12,11 +11,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import BaseModelOutput
 
+from .decoding import for_rows, generate
 from .images import ImageSource, load_image
-from .model import FlorenceModel
+from .model import FlorenceModel, embed_prompts
 from .prompts import Region, TaskInputError, build_prompt
 from .results import AnyResult, parse_answer
-from .scores import attach_scores, scored_ids, token_logprobs
+from .scores import attach_scores, scored_ids
 from .tasks import AnswerSize, Task, TaskSpec, get_task
 
 
@@ -52,6 +52,7 @@ def run(
     batch_size: int = 8,
     progress: bool | None = None,
     scores: bool = False,
+    fast_beams: bool = True,
     **generate_kwargs: Any,
 ) -> AnyResult | list[AnyResult]:
     """Run one Florence-2 task on an image, or on a list of images in padded batches.
@@ -75,7 +76,11 @@ def run(
         scores: Attach confidences computed from the model's token probabilities: one per
             box, polygon instance or OCR line (``result.scores``), and a sequence score plus
             per-word scores for text answers. See :mod:`florence_helpers.scores`.
+        fast_beams: Beam search with the exact shortcuts of :mod:`florence_helpers.decoding`
+            (same answers, faster); False runs plain ``model.generate``.
         **generate_kwargs: Passed on to ``model.generate`` (e.g. ``logits_processor``).
+
+    Safe to call from several threads on one model.
 
     Returns:
         A typed result for one image, or a list of results in the order of ``images``.
@@ -117,7 +122,9 @@ def run(
             inputs = upcoming.result()
             if number + 1 < len(batches):
                 upcoming = pool.submit(prepare, batches[number + 1])
-            sequences, logprobs = _generate(florence, inputs, scores, **generate_kwargs)
+            sequences, logprobs = generate(
+                florence, inputs, scores, fast_beams=fast_beams, **generate_kwargs
+            )
             sizes = [loaded[i].size for i in indices]
             for i, result in zip(
                 indices,
@@ -142,6 +149,7 @@ def run_tasks(
     num_beams: int = 3,
     max_new_tokens: int = 1024,
     scores: bool = False,
+    fast_beams: bool = True,
     **generate_kwargs: Any,
 ) -> list[AnyResult]:
     """Run several tasks on one image, encoding the image only once.
@@ -157,7 +165,7 @@ def run_tasks(
         florence: What :func:`load_model` returned.
         image: The image.
         tasks: Tasks, each alone or paired with its text or region.
-        num_beams, max_new_tokens, scores: As for :func:`run`.
+        num_beams, max_new_tokens, scores, fast_beams: As for :func:`run`.
         **generate_kwargs: Passed on to ``model.generate``.
 
     Returns:
@@ -180,13 +188,11 @@ def run_tasks(
         return []
     model = florence.model
     # The processor pairs every prompt with the image; one copy of the pixels is enough.
-    text = _preprocess(florence, [picture] * len(prompts), prompts)
+    batch = _preprocess(florence, [picture] * len(prompts), prompts)
     with torch.inference_mode():
-        features = model.get_image_features(text["pixel_values"][:1]).pooler_output
-        ids, mask = text["input_ids"], text["attention_mask"]
-        embeds = model.get_input_embeddings()(ids)
-        rows = features.to(embeds.dtype).expand(len(prompts), -1, -1)
-        embeds[ids == model.config.image_token_id] = rows.reshape(-1, rows.shape[-1])
+        features = model.get_image_features(batch["pixel_values"][:1]).pooler_output
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        embeds = embed_prompts(model, ids, features)
         states = model.get_encoder()(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
     generate_kwargs.update(num_beams=num_beams, max_new_tokens=max_new_tokens)
     results: list[AnyResult | None] = [None] * len(specs)
@@ -203,8 +209,8 @@ def run_tasks(
             "encoder_outputs": BaseModelOutput(last_hidden_state=states[index, :width]),
             "attention_mask": group_mask[:, :width],
         }
-        kwargs = _for_rows(generate_kwargs, rows)
-        sequences, logprobs = _generate(florence, inputs, scores, **kwargs)
+        kwargs = for_rows(generate_kwargs, rows)
+        sequences, logprobs = generate(florence, inputs, scores, fast_beams=fast_beams, **kwargs)
         parsed = _parse(
             florence, sequences, logprobs, [specs[i] for i in rows], [picture.size] * len(rows)
         )
@@ -213,123 +219,12 @@ def run_tasks(
     return results  # type: ignore[return-value]
 
 
-def _for_rows(generate_kwargs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
-    """The generate arguments for a subset of the rows.
-
-    Logits processors that keep one state per row (like the tests' forced answers) provide
-    ``select_rows(rows)``; they are replaced by their selection.
-    """
-    processors = generate_kwargs.get("logits_processor")
-    if not processors or not any(hasattr(p, "select_rows") for p in processors):
-        return dict(generate_kwargs)
-    from transformers import LogitsProcessorList
-
-    selected = [p.select_rows(rows) if hasattr(p, "select_rows") else p for p in processors]
-    return {**generate_kwargs, "logits_processor": LogitsProcessorList(selected)}
-
-
 def _preprocess(florence: FlorenceModel, images: list, prompts: list[str]) -> Any:
     model = florence.model
     inputs = florence.processor(text=prompts, images=images, return_tensors="pt", padding="longest")
     inputs = inputs.to(model.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     return inputs
-
-
-def _beam_cache() -> Any:
-    """An encoder-decoder KV cache whose beam reordering leaves the cross-attention part alone.
-
-    Beam search reorders the cache at every step, but only among the beams of one batch item,
-    and those beams share the same encoder states, so their cross-attention keys and values are
-    identical. transformers copies them anyway: with 3 beams and Florence-2's ~590 encoder
-    tokens that copy is most of the time of a CPU decoding step. Skipping it changes nothing in
-    the results.
-    """
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    class SharedCrossAttentionCache(EncoderDecoderCache):
-        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            self.self_attention_cache.reorder_cache(beam_idx)
-
-    return SharedCrossAttentionCache(DynamicCache(), DynamicCache())
-
-
-_SHARED_KV_ATTENTION = "florence_shared_kv_sdpa"
-
-
-def _shared_kv_attention(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA, except that a decoding step's cross-attention reads each item's keys once.
-
-    In beam search the beams of one item attend to the same encoder states, so their
-    cross-attention keys and values are identical copies. Reading them once per item, with
-    the beams as that item's query positions, gives the same result while reading a third of
-    the memory at 3 beams; on a CPU that reading is most of a decoding step's cross-attention.
-    Applies to modules tagged by :func:`_sharing_cross_attention`; all else is plain SDPA.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    beams = getattr(module, "_florence_beams", 1)
-    rows, heads, steps, dim = query.shape
-    if beams == 1 or steps != 1 or rows % beams or key.shape[0] != rows:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    items = rows // beams
-    grouped = query.reshape(items, beams, heads, dim).transpose(1, 2)
-    mask = attention_mask[::beams] if attention_mask is not None else None
-    out = torch.nn.functional.scaled_dot_product_attention(
-        grouped, key[::beams], value[::beams], attn_mask=mask, scale=kwargs.get("scaling")
-    )
-    # (items, heads, beams, dim) -> (rows, 1, heads, dim), the layout SDPA's wrapper returns.
-    return out.permute(0, 2, 1, 3).reshape(rows, 1, heads, dim), None
-
-
-@contextlib.contextmanager
-def _sharing_cross_attention(model: Any, beams: int) -> Iterator[None]:
-    """Route the text decoder's cross-attention through :func:`_shared_kv_attention`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    text_config = model.config.text_config
-    if beams == 1 or text_config._attn_implementation != "sdpa":
-        yield
-        return
-    AttentionInterface.register(_SHARED_KV_ATTENTION, _shared_kv_attention)
-    # Without a mask function of its own, an attention name gets no padding mask at all.
-    AttentionMaskInterface.register(_SHARED_KV_ATTENTION, sdpa_mask)
-    cross = [layer.encoder_attn for layer in model.modules() if hasattr(layer, "encoder_attn")]
-    for attention in cross:
-        attention._florence_beams = beams
-    text_config._attn_implementation = _SHARED_KV_ATTENTION
-    try:
-        yield
-    finally:
-        text_config._attn_implementation = "sdpa"
-        for attention in cross:
-            del attention._florence_beams
-
-
-def _generate(
-    florence: FlorenceModel, inputs: Any, with_scores: bool, **generate_kwargs: Any
-) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Generate; return the sequences and, with scores, each generated token's log-probability."""
-    model = florence.model
-    static = model.generation_config.cache_implementation is not None
-    beams = generate_kwargs.get("num_beams", 1)
-    if beams > 1 and not static:
-        generate_kwargs.setdefault("past_key_values", _beam_cache())
-    if with_scores:
-        generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
-    with torch.inference_mode(), _sharing_cross_attention(model, beams if not static else 1):
-        outputs = model.generate(**inputs, do_sample=False, **generate_kwargs)
-        if not with_scores:
-            return outputs, None
-        return outputs.sequences, token_logprobs(model, outputs).float().cpu().numpy()
 
 
 def _parse(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,40 @@ class FlorenceModel:
         return f"FlorenceModel({self.model_id!r}, device={self.device}, dtype={self.dtype})"
 
 
+def base_model(model: Any) -> Any:
+    """The transformers ``Florence2ForConditionalGeneration`` itself, unwrapped from peft."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def is_peft(model: Any) -> bool:
+    """Whether ``model`` is a peft wrapper (a model with a LoRA adapter)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def vision_tower(model: Any) -> Any:
+    """The image encoder (DaViT) of a Florence-2 model, peft-wrapped or not."""
+    return base_model(model).model.vision_tower
+
+
+def embed_prompts(model: Any, input_ids: torch.Tensor, image_features: torch.Tensor) -> Any:
+    """The prompts' token embeddings with the image features in place of the ``<image>`` tokens.
+
+    This is what the model's own forward pass does with ``pixel_values``; doing it here lets a
+    caller encode an image once and reuse its features (several prompts, or every epoch).
+
+    Args:
+        model: A Florence-2 model (peft-wrapped or not).
+        input_ids: Prompt token ids as the processor writes them, ``<image>`` tokens included.
+        image_features: Projected image features, one row per prompt or one for all of them
+            (``model.get_image_features(pixels).pooler_output``).
+    """
+    base = base_model(model)
+    embeds = base.get_input_embeddings()(input_ids)
+    features = image_features.to(embeds.dtype).expand(len(input_ids), -1, -1)
+    where = (input_ids == base.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(where, features.reshape(-1, features.shape[-1]))
+
+
 def resolve_model_id(model_id: str | os.PathLike | None = None) -> str:
     """The argument if given, else ``$FLORENCE_MODEL``, else :data:`DEFAULT_MODEL_ID`."""
     if model_id:
@@ -102,16 +137,24 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     Florence-2 was trained in fp16, so half precision is safe on GPUs; CPUs are far faster in
     fp32, and MPS gives wrong answers in fp16.
     """
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype == "auto":
         return cuda_half_dtype() if device.type == "cuda" else torch.float32
-    try:
-        return _DTYPE_NAMES[str(dtype).lower()]
-    except KeyError:
-        raise ValueError(
-            f"Unknown dtype {dtype!r}: use 'auto', {', '.join(_DTYPE_NAMES)} or a torch.dtype."
-        ) from None
+    if isinstance(dtype, torch.dtype):
+        chosen = dtype
+    else:
+        try:
+            chosen = _DTYPE_NAMES[str(dtype).lower()]
+        except KeyError:
+            raise ValueError(
+                f"Unknown dtype {dtype!r}: use 'auto', {', '.join(_DTYPE_NAMES)} or a torch.dtype."
+            ) from None
+    if device.type == "mps" and chosen == torch.float16:
+        warnings.warn(
+            "Florence-2 in float16 on Apple MPS gives wrong answers with current PyTorch; "
+            "use dtype='float32' (the default there).",
+            stacklevel=3,
+        )
+    return chosen
 
 
 def load_model(
@@ -169,7 +212,7 @@ def load_model(
     if compile:
         model.generation_config.cache_implementation = "static"
         if target.type in ("cpu", "cuda"):
-            model.model.vision_tower.compile()
+            vision_tower(model).compile()
     return FlorenceModel(model=model, processor=processor, model_id=name)
 
 

@@ -206,17 +206,17 @@ def test_unforced_generation_runs_and_parses(florence, photo):
 def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
     florence, photo, monkeypatch
 ):
-    import florence_helpers.inference as inference
+    import florence_helpers.decoding as decoding
 
     grouped_calls = []
-    real = inference._shared_kv_attention
+    real = decoding._shared_kv_attention
 
     def spy(module, query, *args, **kwargs):
-        if getattr(module, "_florence_beams", 1) > 1 and query.shape[2] == 1:
+        if getattr(module, "_florence_cross_attention", False) and query.shape[2] == 1:
             grouped_calls.append(query.shape[0])
         return real(module, query, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "_shared_kv_attention", spy)
+    monkeypatch.setattr(decoding, "_shared_kv_attention", spy)
     # Two prompts of different lengths, so the cross-attention mask has padding in it.
     inputs = florence.processor(
         text=["<OD>", "<OPEN_VOCABULARY_DETECTION>a red car on the left"],
@@ -234,11 +234,23 @@ def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
     model = florence.model
     with torch.inference_mode():
         plain = model.generate(**inputs, **settings)
-        with inference._sharing_cross_attention(model, 3):
+        with decoding.sharing_cross_attention(model, 3):
             shared = model.generate(**inputs, **settings)
     assert grouped_calls and set(grouped_calls) == {6}  # 2 items x 3 beams, grouped per item
     assert torch.equal(plain.sequences, shared.sequences)
     for a, b in zip(plain.logits, shared.logits, strict=True):
         assert torch.allclose(a, b, atol=1e-4)
     assert model.config.text_config._attn_implementation == "sdpa"
-    assert not any(hasattr(module, "_florence_beams") for module in model.modules())
+
+
+def test_fast_beams_can_be_switched_off_with_the_same_answers(florence, photo, monkeypatch):
+    import florence_helpers.decoding as decoding
+
+    fast = run(florence, photo, "OD", num_beams=3, max_new_tokens=30, scores=True)
+    monkeypatch.setattr(decoding, "beam_cache", lambda: pytest.fail("fast path used"))
+    monkeypatch.setattr(decoding, "sharing_cross_attention", lambda *a: pytest.fail("used"))
+    plain = run(
+        florence, photo, "OD", num_beams=3, max_new_tokens=30, scores=True, fast_beams=False
+    )
+    assert plain.raw == fast.raw
+    np.testing.assert_allclose(plain.scores, fast.scores, atol=1e-5)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import florence_helpers.inference as inference
+import florence_helpers.decoding as decoding
 from florence_helpers import BoxesResult, RegionError, TaskInputError, TextResult, run
 from florence_helpers.inference import run_tasks
 from florence_helpers.testing import force_answers
@@ -91,7 +91,7 @@ def test_skipping_the_cross_attention_reorder_changes_no_beam(florence, monkeypa
     fast += [
         r.raw for r in run_tasks(florence, images[0], REQUESTS, num_beams=4, max_new_tokens=40)
     ]
-    monkeypatch.setattr(inference, "_beam_cache", lambda: None)  # transformers' own cache
+    monkeypatch.setattr(decoding, "beam_cache", lambda: None)  # transformers' own cache
     plain = [r.raw for r in run(florence, images, "OD", num_beams=3, max_new_tokens=40)]
     plain += [
         r.raw for r in run_tasks(florence, images[0], REQUESTS, num_beams=4, max_new_tokens=40)
