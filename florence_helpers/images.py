@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -91,21 +92,32 @@ def _open_file(path: Path) -> Image.Image:
         raise ImageLoadError(f"Image file not found: {path}")
     if path.is_dir():
         raise ImageLoadError(f"Expected an image file but {path} is a directory.")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageLoadError(f"Could not read {path} as an image: {error}") from error
+    return _decode(path, str(path))
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
+def _decode(data: bytes | Path, name: str) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
             opened.load()
             return opened.copy()
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(_too_large_message(name, str(error))) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"Could not read {name} as an image: {error}") from error
+
+
+def _too_large_message(name: str, detail: str) -> str:
+    """Say which image is too large, how large, and how to read it anyway."""
+    pixels = re.search(r"\((\d+) pixels\)", detail)
+    size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels" if pixels else "too many pixels"
+    limit = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
+    return (
+        f"Cannot open {name}: it has {size}, more than Pillow opens by default "
+        f"({limit:,.0f} megapixels, a guard against decompression bombs). Florence-2 sees "
+        "every image at 768x768, so a smaller copy loses nothing: shrink the file first, or, "
+        "if you trust it and have the memory, raise the limit before loading: "
+        "`PIL.Image.MAX_IMAGE_PIXELS = None`."
+    )
 
 
 def _fetch(url: str) -> bytes:

@@ -3,8 +3,10 @@
 ``label`` walks a folder (or takes a list of paths or URLs), runs one task in batches and
 appends one JSON line per image as it goes. Killed at any moment and started again with the
 same output file, it resumes: images already written are skipped, a half-written last line is
-cut off, and no image is written twice. An unreadable image becomes an error record and the
-run goes on. ``label_batch`` is the per-batch step, shared with the Ray Data path
+cut off, and no image is written twice. An image that cannot be read (missing, corrupt, too
+large to open) or that fails in the model becomes an error record naming it, and the run goes
+on; only a mistake in the job's settings (a task that needs text and got none) stops it.
+``label_batch`` is the per-batch step, shared with the Ray Data path
 (:mod:`florence_helpers.ray_labelling`).
 """
 
@@ -23,9 +25,8 @@ from tqdm.auto import tqdm
 from .images import ImageLoadError, load_image
 from .inference import run
 from .model import FlorenceModel
-from .prompts import Region
-from .regions import RegionError
-from .tasks import Task, TaskSpec, get_task
+from .prompts import Region, TaskInputError
+from .tasks import Task, TaskSpec, UnknownTaskError, get_task
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -77,35 +78,56 @@ def label_batch(
             good.append(index)
     if images:
         run_kwargs = {"batch_size": len(images), "progress": False, **run_kwargs}
+
+        def one(image: Any) -> Any:
+            try:
+                return run(florence, image, spec, text=text, region=region, **run_kwargs)
+            except _SETTINGS_ERRORS:
+                raise
+            except Exception as error:  # noqa: BLE001 - recorded for this image, the job goes on
+                return error
+
         try:
             results = run(florence, images, spec, text=text, region=region, **run_kwargs)
-        except RegionError:
-            # The region fits some images but not others: label one by one to keep the rest.
-            results = []
-            for image in images:
-                try:
-                    results.append(
-                        run(florence, image, spec, text=text, region=region, **run_kwargs)
-                    )
-                except RegionError as error:
-                    results.append(error)
+        except _SETTINGS_ERRORS:
+            raise
+        except Exception:  # noqa: BLE001
+            # One image spoils the batch (a region outside it, a failure in the model or the
+            # parser): label one by one, so that only the images that fail become errors.
+            results = [one(image) for image in images]
         for index, image, result in zip(good, images, results, strict=True):
             if isinstance(result, Exception):
-                records[index] = _record(sources[index], spec, size=image.size, error=str(result))
+                records[index] = _record(
+                    sources[index], spec, size=image.size, error=_describe(result)
+                )
             else:
                 records[index] = _record(sources[index], spec, size=image.size, result=result)
     return records  # type: ignore[return-value]
 
 
+# Errors in the job's own settings (a task that needs text and got none): every image would
+# fail the same way, so they stop the job instead of becoming one error record per image.
+_SETTINGS_ERRORS = (TaskInputError, UnknownTaskError)
+
+
 def read_images(sources: Sequence[str]) -> list[Any]:
-    """Each source as an RGB image, or the :class:`ImageLoadError` that reading it raised."""
+    """Each source as an RGB image, or an :class:`ImageLoadError` saying why it could not be."""
     loaded: list[Any] = []
     for source in sources:
         try:
             loaded.append(load_image(source))
         except ImageLoadError as error:
             loaded.append(error)
+        except Exception as error:  # noqa: BLE001 - a decoder bug must not stop the job
+            loaded.append(ImageLoadError(f"Could not read {source}: {_describe(error)}"))
     return loaded
+
+
+def _describe(error: Exception) -> str:
+    """The message of one of this package's errors; type and message of anything else."""
+    if isinstance(error, ValueError) and type(error).__module__.startswith("florence_helpers"):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def _record(

@@ -4,13 +4,16 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
+from florence_helpers import TaskInputError
 from florence_helpers.labelling import export_coco, find_images, label, read_labels
 from florence_helpers.testing import force_answers
 
@@ -50,6 +53,62 @@ def test_folder_is_labelled_with_errors_recorded(florence, folder, tmp_path):
     )
     astronaut = next(r for r in good if r["image"].endswith("astronaut.jpg"))
     assert (astronaut["width"], astronaut["height"]) == (512, 512)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """The first bytes of an RGB PNG of the given size: enough for Pillow to read its size."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_a_huge_image_becomes_one_error_record_and_the_job_goes_on(florence, folder, tmp_path):
+    (folder / "panorama.png").write_bytes(png_header(60000, 60000))
+    out = tmp_path / "labels.jsonl"
+    summary = label(
+        florence, folder, "OD", out, max_new_tokens=8, num_beams=1, batch_size=2, progress=False
+    )
+    records = lines(out)
+    assert summary.written == len(records) == 6 and summary.errors == 2
+    huge = next(r for r in records if r["image"].endswith("panorama.png"))
+    assert huge["result"] is None
+    assert "panorama.png" in huge["error"] and "3,600 megapixels" in huge["error"]
+    assert "MAX_IMAGE_PIXELS" in huge["error"]
+    assert sum(r["error"] is None for r in records) == len(PHOTOS)
+
+
+def test_an_image_the_model_fails_on_becomes_an_error_record(
+    florence, folder, tmp_path, monkeypatch
+):
+    import florence_helpers.inference as inference
+
+    parse = inference._parse
+
+    def fails_on_the_cat(florence, sequences, logprobs, specs, sizes):
+        if (451, 300) in sizes:  # cat.jpg
+            raise RuntimeError("the parser broke")
+        return parse(florence, sequences, logprobs, specs, sizes)
+
+    monkeypatch.setattr(inference, "_parse", fails_on_the_cat)
+    out = tmp_path / "labels.jsonl"
+    summary = label(
+        florence, folder, "CAPTION", out, max_new_tokens=4, batch_size=4, progress=False
+    )
+    records = lines(out)
+    assert summary.written == 5 and summary.errors == 2  # broken.jpg and cat.jpg
+    cat = next(r for r in records if r["image"].endswith("cat.jpg"))
+    assert cat["error"] == "RuntimeError: the parser broke" and cat["width"] == 451
+    assert sum(r["error"] is None for r in records) == 3
+
+
+def test_a_mistake_in_the_settings_stops_the_job(florence, folder, tmp_path):
+    with pytest.raises(TaskInputError, match="needs text"):
+        label(florence, folder, "OPEN_VOCABULARY_DETECTION", tmp_path / "x.jsonl", progress=False)
+    assert lines(tmp_path / "x.jsonl") == []
 
 
 def test_running_again_skips_done_images_and_repairs_a_cut_line(florence, folder, tmp_path):
