@@ -1,5 +1,4 @@
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -145,16 +144,22 @@ def test_to_supervision_names_the_extra_when_missing(monkeypatch):
         to_supervision(boxes_result())
 
 
-def test_to_supervision_passes_boxes_names_scores_and_masks(monkeypatch):
-    class Detections:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    monkeypatch.setitem(sys.modules, "supervision", types.SimpleNamespace(Detections=Detections))
+def test_to_supervision_gives_real_detections_with_names_scores_and_masks():
+    sv = pytest.importorskip("supervision")  # in the dev extra; pure NumPy, no OpenCV needed
     detections = to_supervision(boxes_result(scores=np.array([0.9, 0.5, 0.1])))
-    np.testing.assert_allclose(detections.kwargs["xyxy"], boxes_result().boxes)
-    assert detections.kwargs["class_id"].tolist() == [0, 1, 0]
-    assert detections.kwargs["data"]["class_name"].tolist() == ["car", "sky", "car"]
-    assert detections.kwargs["confidence"].tolist() == pytest.approx([0.9, 0.5, 0.1])
-    masks = to_supervision(polygons_result()).kwargs["mask"]
-    assert masks.shape == (2, 120, 200)
+    assert isinstance(detections, sv.Detections) and len(detections) == 3
+    np.testing.assert_allclose(detections.xyxy, boxes_result().boxes)
+    assert detections.class_id.tolist() == [0, 1, 0]
+    assert detections.data["class_name"].tolist() == ["car", "sky", "car"]
+    assert detections.confidence.tolist() == pytest.approx([0.9, 0.5, 0.1])
+    # supervision's own tools take them: filtering by confidence keeps names aligned.
+    confident = detections[detections.confidence > 0.3]
+    assert confident.data["class_name"].tolist() == ["car", "sky"]
+
+    masks = to_supervision(polygons_result())
+    assert masks.mask.shape == (2, 120, 200) and masks.confidence is None
+    np.testing.assert_array_equal(masks.mask, to_masks(polygons_result()))
+    np.testing.assert_allclose(masks.xyxy[1], [150, 10, 190, 110])
+    canvas = np.zeros((120, 200, 3), np.uint8)
+    drawn = sv.MaskAnnotator().annotate(canvas.copy(), masks)
+    assert drawn.shape == canvas.shape and (drawn != canvas).any()
