@@ -7,18 +7,26 @@ PY := $(VENV)/bin/python
 # torch is installed only when the venv has none. Pick another build with e.g.
 # `make test TORCH=torch` (newest) or TORCH="torch --index-url <your wheel index>".
 TORCH ?= torch==2.13.0
+# The versions CI tested. To test against the newest releases instead, in a venv of its own:
+# `make test VENV=.venv-newest CONSTRAINTS=`.
+CONSTRAINTS ?= constraints.txt
 TINY_MODEL := .cache/tiny-florence2
 SAMPLE ?= images/astronaut.jpg
 TASK ?= OD
+INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo demo-offline test lint format notebooks clean
+.PHONY: install demo demo-offline test lint format notebooks constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-install: $(PY)
+# Installs only when the venv is new or pyproject.toml / the constraints changed.
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml $(CONSTRAINTS) | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+	@touch $@
 
 # Run a task on a sample image and write an annotated picture (needs the model: hub or
 # FLORENCE_MODEL). Without hub access it says so and points to `make demo-offline`.
@@ -56,6 +64,12 @@ format: install
 notebooks: install
 	$(PY) tools/notebooks.py sync
 	$(PY) tools/notebooks.py outputs
+
+# After a green `make test` in a venv without constraints: record its versions as the tested ones.
+constraints: install
+	@{ echo "# The exact versions CI last tested (torch is installed separately: see TORCH in the Makefile)."; \
+	   echo "# make install uses them; regenerate after a green run against newer releases: make constraints"; \
+	   $(PY) -m pip freeze --exclude-editable | grep -v -i -E "^(torch|florence-helpers)[=@ ]"; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache demo.png
