@@ -196,6 +196,7 @@ def add_lora(
     alpha: int = 16,
     dropout: float = 0.05,
     target_modules: str | Sequence[str] = LORA_TARGET_MODULES,
+    seed: int | None = 0,
 ) -> FlorenceModel:
     """Wrap the model with a fresh LoRA adapter (peft); only the adapter will train.
 
@@ -205,6 +206,9 @@ def add_lora(
         alpha: Scale of the update (``alpha / rank`` multiplies it).
         dropout: Dropout on the adapter's input.
         target_modules: Modules that get an adapter; see :data:`LORA_TARGET_MODULES`.
+        seed: Seed for the adapter's random initial weights, so that a training run with a
+            given ``TrainingConfig.seed`` repeats exactly (``None``: torch's global RNG).
+            The global RNG is left as it was.
 
     Returns:
         A :class:`FlorenceModel` whose ``model`` is a ``peft.PeftModel``; ``run`` and
@@ -223,7 +227,9 @@ def add_lora(
         lora_dropout=dropout,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
     )
-    with _quiet_peft():
+    with _quiet_peft(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
         model = get_peft_model(florence.model, config)
     return dataclasses.replace(florence, model=model.eval())
 
