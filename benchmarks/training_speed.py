@@ -34,7 +34,8 @@ import torch
 from inference_speed import build
 
 from florence_helpers import FlorenceModel, Task
-from florence_helpers.finetune import TrainingConfig, add_lora, train, trainable_parameters
+from florence_helpers.adapters import add_lora, trainable_parameters
+from florence_helpers.finetune import TrainingConfig, train
 from florence_helpers.sample_data import make_shapes_dataset
 from florence_helpers.training_data import TrainingSample, read_coco
 

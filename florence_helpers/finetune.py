@@ -8,7 +8,8 @@ The loop is plain PyTorch so that every step is visible:
    attribute such as ``param.is_trainable`` does nothing). :func:`train` does this by default;
    with ``cache_image_features=True`` it also encodes each image once and reuses the features
    every epoch, which removes the most expensive part of a step.
-3. :func:`add_lora` wraps the model with a peft LoRA adapter; without it :func:`train` updates
+3. :func:`~florence_helpers.adapters.add_lora` wraps the model with a peft LoRA adapter;
+   without it :func:`train` updates
    every unfrozen weight (full fine-tuning).
 4. :func:`train` runs AdamW with linear warm-up and decay, gradient accumulation, clipping,
    mixed precision (on CUDA by default, on CPU when asked), a tqdm bar and a loss history,
@@ -17,14 +18,12 @@ The loop is plain PyTorch so that every step is visible:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,23 +33,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import load_image
-from .model import FlorenceModel, base_model, cuda_half_dtype, embed_prompts, is_peft, vision_tower
+from .model import FlorenceModel, base_model, cuda_half_dtype, embed_prompts, vision_tower
+from .prefetch import prefetched
 from .training_data import TrainingSample
-
-LORA_TARGET_MODULES = (
-    r".*language_model\.(encoder|decoder)\.layers\.\d+\.(self_attn|encoder_attn)\."
-    r"(q_proj|k_proj|v_proj|out_proj)"
-    r"|.*language_model\.(encoder|decoder)\.layers\.\d+\.(fc1|fc2)"
-)
-"""Where :func:`add_lora` puts adapters (a regular expression over module names):
-
-* ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``: the attention projections of every text
-  encoder and decoder layer, including the decoder's cross-attention to the image tokens;
-* ``fc1``, ``fc2``: the feed-forward layers of those blocks.
-
-Left out: the vision tower and its projection (they stay frozen), and ``lm_head``, whose weight
-is shared with the input embeddings: merging an adapter into it would change both.
-"""
 
 _CHECKPOINT = "checkpoint.pt"
 
@@ -189,103 +174,6 @@ def freeze_vision_tower(model: Any) -> int:
     return sum(p.numel() for p in tower.parameters())
 
 
-def add_lora(
-    florence: FlorenceModel,
-    *,
-    rank: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.05,
-    target_modules: str | Sequence[str] = LORA_TARGET_MODULES,
-    seed: int | None = 0,
-) -> FlorenceModel:
-    """Wrap the model with a fresh LoRA adapter (peft); only the adapter will train.
-
-    Args:
-        florence: The model to adapt. Its weights are not changed.
-        rank: Rank of each low-rank update.
-        alpha: Scale of the update (``alpha / rank`` multiplies it).
-        dropout: Dropout on the adapter's input.
-        target_modules: Modules that get an adapter; see :data:`LORA_TARGET_MODULES`.
-        seed: Seed for the adapter's random initial weights, so that a training run with a
-            given ``TrainingConfig.seed`` repeats exactly (``None``: torch's global RNG).
-            The global RNG is left as it was.
-
-    Returns:
-        A :class:`FlorenceModel` whose ``model`` is a ``peft.PeftModel``; ``run`` and
-        ``train`` accept it as they are.
-
-    Example:
-        >>> lora = add_lora(load_model(), rank=8)  # doctest: +SKIP
-        >>> lora.model.print_trainable_parameters()  # doctest: +SKIP
-        trainable params: 1,769,472 || all params: 272,573,184 || trainable%: 0.6492
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-    )
-    with _quiet_peft(), torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = get_peft_model(florence.model, config)
-    return dataclasses.replace(florence, model=model.eval())
-
-
-def save_adapter(florence: FlorenceModel, path: str | Path) -> Path:
-    """Write the LoRA adapter (a few MB) and the processor to ``path``."""
-    if not is_peft(florence.model):
-        raise TypeError("This model has no LoRA adapter: save it with save_model instead.")
-    out = Path(path)
-    florence.model.save_pretrained(out)
-    florence.processor.save_pretrained(out)
-    return out
-
-
-def load_adapter(
-    florence: FlorenceModel, path: str | Path, *, trainable: bool = False
-) -> FlorenceModel:
-    """Put a saved LoRA adapter on a base model (the one it was trained from).
-
-    Args:
-        florence: The base model, e.g. ``load_model("florence-community/Florence-2-base")``.
-        path: A directory written by :func:`save_adapter`.
-        trainable: Keep training the adapter (otherwise it is loaded for inference).
-    """
-    from peft import PeftModel
-
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"No LoRA adapter in {path}: adapter_config.json is missing.")
-    with _quiet_peft():
-        model = PeftModel.from_pretrained(florence.model, path, is_trainable=trainable)
-    return dataclasses.replace(florence, model=model.eval())
-
-
-def merge_adapter(florence: FlorenceModel) -> FlorenceModel:
-    """Fold the LoRA update into the base weights: a plain Florence-2 model, as fast as before."""
-    if not is_peft(florence.model):
-        raise TypeError("This model has no LoRA adapter to merge.")
-    return dataclasses.replace(florence, model=florence.model.merge_and_unload().eval())
-
-
-def save_model(florence: FlorenceModel, path: str | Path) -> Path:
-    """Write a full (or merged) model with its processor; ``load_model(path)`` reads it back."""
-    if is_peft(florence.model):
-        raise TypeError("Merge the adapter first (merge_adapter), or save it with save_adapter.")
-    out = Path(path)
-    florence.model.save_pretrained(out)
-    florence.processor.save_pretrained(out)
-    return out
-
-
-def trainable_parameters(model: Any) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
 def train(
     florence: FlorenceModel,
     samples: Sequence[TrainingSample],
@@ -296,8 +184,9 @@ def train(
 ) -> TrainingHistory:
     """Fine-tune ``florence.model`` in place on ``samples``.
 
-    With a LoRA model (:func:`add_lora`) only the adapter trains; otherwise every weight
-    outside the frozen vision tower does. The model is left in eval mode.
+    With a LoRA model (:func:`~florence_helpers.adapters.add_lora`) only the adapter trains;
+    otherwise every weight outside the frozen vision tower does. The model is left in eval
+    mode.
 
     Args:
         florence: The model to train (load it in float32 for full fine-tuning).
@@ -316,9 +205,56 @@ def train(
     """
     config = config or TrainingConfig()
     samples = list(samples)
+    model, device = florence.model, florence.device
+    params = _trainable_parameters(model, config, samples)
+    _check_target_lengths(florence, samples)
+    steps_per_epoch = math.ceil(math.ceil(len(samples) / config.batch_size) / _accumulation(config))
+    total_steps = steps_per_epoch * config.epochs
+    optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
+    precision = _Precision.choose(config.mixed_precision, device)
+    checkpoint = _Checkpoint.at(config.checkpoint_dir, len(samples))
+    done, history = checkpoint.restore(model, optimizer, scheduler, precision.scaler, resume)
+    if not done:
+        torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
+    prepare = _batch_preparer(florence, samples, config, progress) if done < total_steps else None
+    started, seconds_before = time.perf_counter(), history.seconds
+    model.train()
+    if config.freeze_vision:
+        vision_tower(model).eval()
+    bar = tqdm(total=total_steps, initial=done, desc="training", unit="step", disable=not progress)
+    try:
+        for epoch in range(done // steps_per_epoch, config.epochs):
+            steps = _epoch_plan(samples, config, epoch)
+            steps = steps[done - epoch * steps_per_epoch :]  # a resumed epoch skips its done steps
+            batches = prefetched(prepare, [batch for step in steps for batch in step])
+            for step in steps:
+                inputs = [next(batches) for _ in step]
+                history.learning_rates.append(scheduler.get_last_lr()[0])
+                loss = _optimizer_step(model, params, inputs, optimizer, precision, config, done)
+                scheduler.step()
+                done += 1
+                history.losses.append(loss)
+                history.samples_seen += sum(len(batch["labels"]) for batch in inputs)
+                history.seconds = seconds_before + time.perf_counter() - started
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=epoch + 1)
+                if config.checkpoint_every and done % config.checkpoint_every == 0:
+                    checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
+            epoch_steps = history.losses[-steps_per_epoch:]
+            history.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
+            checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
+    finally:
+        bar.close()
+        model.eval()
+    return history
+
+
+def _trainable_parameters(
+    model: Any, config: TrainingConfig, samples: Sequence[TrainingSample]
+) -> list[torch.nn.Parameter]:
+    """Freeze what the settings say and return the float32 parameters left to train."""
     if not samples:
         raise ValueError("No training samples.")
-    model, processor = florence.model, florence.processor
     if config.freeze_vision:
         freeze_vision_tower(model)
     elif config.cache_image_features:
@@ -335,11 +271,14 @@ def train(
             f"Trainable weights are {', '.join(low)}: load the model with dtype='float32' to "
             "train it (TrainingConfig.mixed_precision applies half precision during training)."
         )
+    return params
 
-    limit = base_model(model).config.text_config.max_position_embeddings
-    too_long = [
-        s.sample_id for s in samples if len(processor.tokenizer(s.target)["input_ids"]) > limit
-    ]
+
+def _check_target_lengths(florence: FlorenceModel, samples: Sequence[TrainingSample]) -> None:
+    """Refuse targets longer than the decoder can write, naming a few of them."""
+    limit = base_model(florence.model).config.text_config.max_position_embeddings
+    tokenizer = florence.processor.tokenizer
+    too_long = [s.sample_id for s in samples if len(tokenizer(s.target)["input_ids"]) > limit]
     if too_long:
         raise ValueError(
             f"{len(too_long)} target(s) are longer than the {limit} tokens the decoder can "
@@ -347,138 +286,139 @@ def train(
             "samples (for example one OPEN_VOCABULARY_DETECTION sample per category)."
         )
 
-    device = florence.device
-    autocast_dtype = _autocast_dtype(config.mixed_precision, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-    batches_per_epoch = math.ceil(len(samples) / config.batch_size)
-    accumulation = max(1, config.gradient_accumulation)
-    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
-    total_steps = steps_per_epoch * config.epochs
+
+def _accumulation(config: TrainingConfig) -> int:
+    return max(1, config.gradient_accumulation)
+
+
+def _optimizer_and_schedule(
+    params: list[torch.nn.Parameter], config: TrainingConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW, and a learning rate that warms up linearly and then decays linearly to 0."""
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     warmup = round(total_steps * config.warmup_fraction)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _warmup_then_decay(step, warmup, total_steps)
     )
-    history = TrainingHistory()
-    done_steps = 0
-    checkpoint = Path(config.checkpoint_dir) / _CHECKPOINT if config.checkpoint_dir else None
-    if checkpoint is not None and resume and checkpoint.is_file():
-        done_steps, history = _load_checkpoint(
-            checkpoint, model, optimizer, scheduler, scaler, len(samples)
+    return optimizer, scheduler
+
+
+def _batch_preparer(
+    florence: FlorenceModel,
+    samples: Sequence[TrainingSample],
+    config: TrainingConfig,
+    progress: bool,
+) -> Any:
+    """A function that turns a list of samples into model inputs (from cached features if set)."""
+    model, processor = florence.model, florence.processor
+    if not config.cache_image_features:
+        return functools.partial(collate, processor)
+    features = _encode_images(model, processor, samples, florence.device, progress)
+    prompt_ids = _prompt_ids(processor, samples)
+    return lambda batch: _cached_batch(processor, batch, prompt_ids, features)
+
+
+def _optimizer_step(
+    model: Any,
+    params: list[torch.nn.Parameter],
+    batches: list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    precision: _Precision,
+    config: TrainingConfig,
+    done: int,
+) -> float:
+    """Forward and backward over ``batches`` (accumulated), then one optimizer update.
+
+    Returns the step's loss: the mean over every target token of its batches.
+    """
+    # Average over every target token of the step, not per batch, so that accumulating two
+    # batches of 2 gives the same gradient as one batch of 4.
+    tokens = sum(int((inputs["labels"] != -100).sum()) for inputs in batches)
+    step_loss = 0.0
+    for inputs in batches:
+        inputs = {k: v.to(precision.device) for k, v in inputs.items()}
+        with precision.autocast():
+            loss = _forward(model, inputs, num_items_in_batch=tokens).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"The loss became {loss.item()} at step {done + 1}: lower the learning rate."
+            )
+        precision.scaler.scale(loss).backward()
+        step_loss += loss.item()
+    if config.max_grad_norm is not None:
+        precision.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+@dataclass
+class _Precision:
+    """Autocast settings for the forward pass, and the loss scaler fp16 needs."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def choose(cls, mixed_precision: bool | None, device: torch.device) -> _Precision:
+        dtype = _autocast_dtype(mixed_precision, device)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        return cls(device, dtype, scaler)
+
+    def autocast(self) -> Any:
+        return torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
         )
 
-    unfinished = done_steps < total_steps
-    features = (
-        _encode_images(model, processor, samples, device, progress)
-        if config.cache_image_features and unfinished
-        else None
-    )
-    prompt_ids = _prompt_ids(processor, samples) if features is not None else None
-    if not done_steps:
-        torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
-    model.train()
-    if config.freeze_vision:
-        vision_tower(model).eval()
 
-    def prepare(batch: list[TrainingSample]) -> dict[str, torch.Tensor]:
-        if features is None:
-            return collate(processor, batch)
-        return _cached_batch(processor, batch, prompt_ids, features)
+@dataclass
+class _Checkpoint:
+    """Where the run's checkpoint lives (or None), and the data-set size it was written for."""
 
-    def save_checkpoint() -> None:
-        if checkpoint is not None:
+    path: Path | None
+    num_samples: int
+
+    @classmethod
+    def at(cls, folder: str | Path | None, num_samples: int) -> _Checkpoint:
+        return cls(Path(folder) / _CHECKPOINT if folder else None, num_samples)
+
+    def restore(
+        self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, resume: bool
+    ) -> tuple[int, TrainingHistory]:
+        """Steps done and history so far: from the checkpoint if there is one to resume."""
+        if self.path is None or not resume or not self.path.is_file():
+            return 0, TrainingHistory()
+        return _load_checkpoint(self.path, model, optimizer, scheduler, scaler, self.num_samples)
+
+    def save(
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        scaler: Any,
+        step: int,
+        history: TrainingHistory,
+    ) -> None:
+        if self.path is not None:
             _save_checkpoint(
-                checkpoint, model, optimizer, scheduler, scaler, done_steps, history, len(samples)
+                self.path, model, optimizer, scheduler, scaler, step, history, self.num_samples
             )
-
-    bar = tqdm(
-        total=total_steps, initial=done_steps, desc="training", unit="step", disable=not progress
-    )
-    started = time.perf_counter()
-    seconds_before = history.seconds
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for epoch in range(done_steps // steps_per_epoch, config.epochs):
-                groups = _epoch_plan(samples, config.batch_size, accumulation, config.seed + epoch)
-                first = done_steps - epoch * steps_per_epoch  # steps of this epoch already done
-                epoch_losses = history.losses[len(history.losses) - first :] if first else []
-
-                batches = _prefetched(pool, prepare, [b for group in groups[first:] for b in group])
-                for group in groups[first:]:
-                    prepared = [next(batches) for _ in group]
-                    # Average over every target token of the step, not per batch, so that
-                    # accumulating two batches of 2 gives the same gradient as one batch of 4.
-                    tokens = sum(int((inputs["labels"] != -100).sum()) for inputs in prepared)
-                    group_loss = 0.0
-                    for inputs in prepared:
-                        inputs = {k: v.to(device) for k, v in inputs.items()}
-                        with torch.autocast(
-                            device.type,
-                            dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None,
-                        ):
-                            loss = _forward(model, inputs, num_items_in_batch=tokens).loss
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(
-                                f"The loss became {loss.item()} at step {done_steps + 1}: "
-                                "lower the learning rate."
-                            )
-                        scaler.scale(loss).backward()
-                        group_loss += loss.item()
-                        history.samples_seen += len(inputs["labels"])
-                    if config.max_grad_norm is not None:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                    history.learning_rates.append(scheduler.get_last_lr()[0])
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    done_steps += 1
-                    history.losses.append(group_loss)
-                    epoch_losses.append(group_loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{group_loss:.4f}", epoch=epoch + 1)
-                    history.seconds = seconds_before + time.perf_counter() - started
-                    if config.checkpoint_every and done_steps % config.checkpoint_every == 0:
-                        save_checkpoint()
-                history.epoch_losses.append(sum(epoch_losses) / len(epoch_losses))
-                history.seconds = seconds_before + time.perf_counter() - started
-                save_checkpoint()
-    finally:
-        bar.close()
-        model.eval()
-    return history
 
 
 def _epoch_plan(
-    samples: Sequence[TrainingSample], batch_size: int, accumulation: int, seed: int
+    samples: Sequence[TrainingSample], config: TrainingConfig, epoch: int
 ) -> list[list[list[TrainingSample]]]:
     """One epoch in a seeded shuffled order: optimizer steps, each a list of batches."""
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
+    generator = torch.Generator().manual_seed(config.seed + epoch)
+    order = torch.randperm(len(samples), generator=generator).tolist()
+    size, accumulation = config.batch_size, _accumulation(config)
     batches = [
-        [samples[i] for i in order[start : start + batch_size]]
-        for start in range(0, len(order), batch_size)
+        [samples[i] for i in order[start : start + size]] for start in range(0, len(order), size)
     ]
     return [batches[g : g + accumulation] for g in range(0, len(batches), accumulation)]
-
-
-def _prefetched(pool: ThreadPoolExecutor, prepare: Any, batches: list[Any]) -> Iterator[Any]:
-    """``prepare(batch)`` for each batch, the next one prepared on ``pool`` meanwhile."""
-    upcoming = pool.submit(prepare, batches[0]) if batches else None
-    for index in range(len(batches)):
-        current = upcoming.result()
-        if index + 1 < len(batches):
-            upcoming = pool.submit(prepare, batches[index + 1])
-        yield current
-
-
-@contextlib.contextmanager
-def _quiet_peft() -> Iterator[None]:
-    """Hide a deprecation notice peft triggers in transformers; nothing a user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")
-        yield
 
 
 def _warmup_then_decay(step: int, warmup: int, total: int) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, overload
 
 import numpy as np
@@ -14,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from .decoding import for_rows, generate
 from .images import ImageSource, load_image
 from .model import FlorenceModel, embed_prompts
+from .prefetch import prefetched
 from .prompts import Region, TaskInputError, build_prompt
 from .results import AnyResult, parse_answer
 from .scores import attach_scores, scored_ids
@@ -114,14 +114,8 @@ def run(
 
     results: list[AnyResult | None] = [None] * len(loaded)
     show = progress if progress is not None else len(batches) > 1
-    bar = tqdm(total=len(loaded), desc=spec.name, unit="img", disable=not show)
-    # Preprocess the next batch on a worker thread while the model runs this one.
-    with ThreadPoolExecutor(max_workers=1) as pool, bar:
-        upcoming = pool.submit(prepare, batches[0]) if batches else None
-        for number, indices in enumerate(batches):
-            inputs = upcoming.result()
-            if number + 1 < len(batches):
-                upcoming = pool.submit(prepare, batches[number + 1])
+    with tqdm(total=len(loaded), desc=spec.name, unit="img", disable=not show) as bar:
+        for indices, inputs in zip(batches, prefetched(prepare, batches), strict=True):
             sequences, logprobs = generate(
                 florence, inputs, scores, fast_beams=fast_beams, **generate_kwargs
             )

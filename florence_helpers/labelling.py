@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 from .images import ImageLoadError, load_image
 from .inference import run
 from .model import FlorenceModel
+from .prefetch import prefetched
 from .prompts import Region, TaskInputError
 from .tasks import Task, TaskSpec, UnknownTaskError, get_task
 
@@ -259,16 +259,10 @@ def _labelled_batches(
     run_kwargs: dict[str, Any],
 ) -> Iterator[list[dict[str, Any]]]:
     """Label batches in order, reading the next batch's files on a thread meanwhile."""
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(read_images, batches[0]) if batches else None
-        for number, paths in enumerate(batches):
-            loaded = upcoming.result()
-            if number + 1 < len(batches):
-                upcoming = pool.submit(read_images, batches[number + 1])
-            yield label_batch(
-                florence, paths, spec, text=text, region=region, loaded=loaded, **run_kwargs
-            )
+    for paths, loaded in zip(batches, prefetched(read_images, batches), strict=True):
+        yield label_batch(
+            florence, paths, spec, text=text, region=region, loaded=loaded, **run_kwargs
+        )
 
 
 def export_coco(

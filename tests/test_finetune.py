@@ -16,19 +16,16 @@ import torch
 from PIL import Image
 
 from florence_helpers import load_model
-from florence_helpers.evaluation import evaluate_samples
-from florence_helpers.finetune import (
-    TrainingConfig,
+from florence_helpers.adapters import (
     add_lora,
-    collate,
-    freeze_vision_tower,
     load_adapter,
     merge_adapter,
     save_adapter,
     save_model,
-    train,
     trainable_parameters,
 )
+from florence_helpers.evaluation import evaluate_samples
+from florence_helpers.finetune import TrainingConfig, collate, freeze_vision_tower, train
 from florence_helpers.sample_data import make_shapes_dataset
 from florence_helpers.testing import force_answers
 from florence_helpers.training_data import read_coco, read_grounding_jsonl

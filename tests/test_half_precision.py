@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from florence_helpers import BoxesResult, PolygonsResult, TextResult, load_model, run
-from florence_helpers.finetune import TrainingConfig, add_lora, train
+from florence_helpers.adapters import add_lora
+from florence_helpers.finetune import TrainingConfig, train
 from florence_helpers.inference import run_tasks
 from florence_helpers.model import resolve_dtype
 from florence_helpers.sample_data import make_shapes_dataset
