@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .images import ImageSource, load_image
+from .regions import xywh_to_xyxy, xyxy_to_xywh
 from .results import AnyResult, BoxesResult, OCRResult, PolygonsResult
 from .tasks import Task
 
@@ -131,13 +132,13 @@ def to_coco(
     for index, (label, box, segmentation) in enumerate(_instances(result)):
         if label not in ids:
             ids[label] = max(ids.values(), default=0) + 1
-        x1, y1, x2, y2 = (float(v) for v in box)
+        bbox = xyxy_to_xywh(box)
         annotation: dict[str, Any] = {
             "id": first_id + index,
             "image_id": image_id,
             "category_id": ids[label],
-            "bbox": [x1, y1, x2 - x1, y2 - y1],
-            "area": (x2 - x1) * (y2 - y1),
+            "bbox": bbox,
+            "area": bbox[2] * bbox[3],
             "iscrowd": 0,
         }
         if segmentation is not None:
@@ -183,10 +184,7 @@ def from_coco(
     """
     if not isinstance(categories, Mapping):
         categories = {int(c["id"]): str(c["name"]) for c in categories}
-    boxes = [
-        [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-        for a in annotations
-    ]
+    boxes = [xywh_to_xyxy(a["bbox"]) for a in annotations]
     scores = [a["score"] for a in annotations if "score" in a]
     return BoxesResult(
         task,

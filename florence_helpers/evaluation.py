@@ -6,7 +6,6 @@ import contextlib
 import copy
 import io
 import json
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from .conversions import coco_categories
+from .regions import LOC_TOKEN, xyxy_to_xywh
 from .results import BoxesResult
 
 _AGNOSTIC = "object"
-_LOC_TOKENS = re.compile(r"<loc_\d+>")
 
 
 @dataclass
@@ -118,12 +117,11 @@ def evaluate_detections(
             category = 1 if class_agnostic else by_name.get(label)
             if category is None:
                 continue  # a label the dataset does not have: it can match nothing
-            x1, y1, x2, y2 = box
             detections.append(
                 {
                     "image_id": image_ids[file_name],
                     "category_id": category,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "bbox": xyxy_to_xywh(box),
                     "score": float(score),
                 }
             )
@@ -298,7 +296,7 @@ def evaluate_samples(
     ]
     regions = [i for i, s in enumerate(samples) if s.task is Task.REGION_TO_CATEGORY]
     right = [
-        _LOC_TOKENS.sub("", results[i].text).strip().casefold() == samples[i].labels[0].casefold()
+        LOC_TOKEN.sub("", results[i].text).strip().casefold() == samples[i].labels[0].casefold()
         for i in regions
     ]
     return SampleEvaluation(
@@ -322,14 +320,15 @@ def _ground_truth(samples: list[Any], indices: list[int]) -> dict[str, Any]:
     for i in indices:
         width, height = samples[i].image_size
         images.append({"id": i + 1, "file_name": f"sample {i}", "width": width, "height": height})
-        for label, (x1, y1, x2, y2) in zip(samples[i].labels, samples[i].boxes, strict=True):
+        for label, box in zip(samples[i].labels, samples[i].boxes, strict=True):
+            bbox = xyxy_to_xywh(box)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": i + 1,
                     "category_id": category[label],
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
                     "iscrowd": 0,
                 }
             )

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 
 NUM_BINS = 1000
-_LOC_TOKEN = re.compile(r"<loc_(\d+)>")
+LOC_TOKEN = re.compile(r"<loc_(\d+)>")
+"""One location token, ``<loc_N>``; group 1 is its bin. The package's only pattern for it."""
 
 
 class RegionError(ValueError):
@@ -125,10 +126,32 @@ def loc_tokens_to_box(tokens: str, image_size: Sequence[int]) -> tuple[int, int,
         >>> loc_tokens_to_box("<loc_15><loc_41><loc_468><loc_833>", (640, 480))
         (9, 19, 299, 400)
     """
-    bins = [int(b) for b in _LOC_TOKEN.findall(tokens)]
+    bins = [int(b) for b in LOC_TOKEN.findall(tokens)]
     if len(bins) != 4 or any(b >= NUM_BINS for b in bins):
         raise RegionError(
             f"Expected exactly four tokens <loc_0>..<loc_{NUM_BINS - 1}>, got {tokens!r}."
         )
     x1, y1, x2, y2 = dequantize(bins, image_size).tolist()
     return x1, y1, x2, y2
+
+
+def xyxy_to_xywh(box: Sequence[float]) -> list[float]:
+    """Corners ``(x1, y1, x2, y2)`` to COCO's ``[x, y, width, height]``.
+
+    Example:
+        >>> xyxy_to_xywh((10, 20, 30, 60))
+        [10.0, 20.0, 20.0, 40.0]
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def xywh_to_xyxy(box: Sequence[float]) -> list[float]:
+    """COCO's ``[x, y, width, height]`` to corners ``(x1, y1, x2, y2)``.
+
+    Example:
+        >>> xywh_to_xyxy([10, 20, 20, 40])
+        [10.0, 20.0, 30.0, 60.0]
+    """
+    x, y, w, h = (float(v) for v in box)
+    return [x, y, x + w, y + h]

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from .regions import LOC_TOKEN
 from .tasks import ResultKind, Task, TaskSpec, get_task
 
-_LOC_TOKEN = re.compile(r"<loc_\d+>")
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>")
 
 
@@ -213,7 +213,7 @@ def parse_answer(
     parsed = processor.post_process_generation(raw, task=spec.token, image_size=size)[spec.token]
 
     if spec.result is ResultKind.TEXT:
-        text = _SPECIAL_TOKENS.sub("", _LOC_TOKEN.sub("", parsed)).strip()
+        text = _SPECIAL_TOKENS.sub("", LOC_TOKEN.sub("", parsed)).strip()
         return TextResult(**common, text=text)
     if spec.result is ResultKind.OCR_REGIONS:
         quads = _array(parsed["quad_boxes"], (-1, 4, 2))

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .regions import xyxy_to_xywh
+
 SHAPES = ("circle", "square", "triangle")
 _MAX_TRIES = 50
 
@@ -64,14 +66,14 @@ def make_shapes_dataset(
             placed.append(box)
             shape = rng.choice(SHAPES)
             _draw(draw, shape, box, _colour(rng, on_bright))
-            x1, y1, x2, y2 = box
+            bbox = xyxy_to_xywh(box)
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": number,
                     "category_id": SHAPES.index(shape) + 1,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
-                    "area": (x2 - x1) * (y2 - y1),
+                    "bbox": bbox,
+                    "area": bbox[2] * bbox[3],
                     "iscrowd": 0,
                 }
             )

@@ -30,17 +30,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from .regions import LOC_TOKEN
 from .results import AnyResult, TextResult
 from .tasks import ResultKind, Task, get_task
 
 _DROPPED = {"<s>", "</s>", "<pad>"}
 _BOX_TEXT = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)")
-_BOX = re.compile(r"<loc_(\d+)><loc_(\d+)><loc_(\d+)><loc_(\d+)>")
+_BOX = re.compile(LOC_TOKEN.pattern * 4)
 _POLY_TEXT = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_|<poly>)")
 _POLY_INSTANCE = re.compile(r"<poly>(.*?)</poly>")
 _POLY_RUN = re.compile(r"((?:<loc_\d+>)+)(?:<sep>|$)")
-_LOC = re.compile(r"<loc_\d+>")
-_OCR = re.compile(r"(.+?)" + r"<loc_(\d+)>" * 8)
+_OCR = re.compile(r"(.+?)" + LOC_TOKEN.pattern * 8)
 _LOCS_OR_POLY = r"(?:<loc_\d+>|<sep>|<poly>|</poly>)"
 
 Span = tuple[int, int]
@@ -245,7 +245,7 @@ def _score_text(
     in_answer = set(answer)
     words = []
     # Location tokens become blanks of the same length, so offsets stay valid.
-    for match in re.finditer(r"\S+", _LOC.sub(lambda m: " " * len(m.group()), text)):
+    for match in re.finditer(r"\S+", LOC_TOKEN.sub(lambda m: " " * len(m.group()), text)):
         indices = [i for i in _overlapping(spans, [match.span()]) if i in in_answer]
         if indices:
             words.append((match.group(), float(np.exp(logprobs[indices].sum()))))

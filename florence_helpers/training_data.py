@@ -30,7 +30,7 @@ from typing import Any, Literal
 from PIL import Image, UnidentifiedImageError
 
 from .prompts import build_prompt
-from .regions import RegionError, box_to_loc_tokens, check_box
+from .regions import RegionError, box_to_loc_tokens, check_box, xywh_to_xyxy
 from .tasks import Task, get_task
 
 Box = tuple[float, float, float, float]
@@ -434,13 +434,13 @@ def _checked_image_size(path: Path, entry: Mapping[str, Any]) -> tuple[int, int]
 def _coco_box(annotation: Mapping[str, Any], size: tuple[int, int]) -> Box:
     """A COCO ``[x, y, w, h]`` as a checked ``(x1, y1, x2, y2)``."""
     try:
-        x, y, w, h = (float(v) for v in annotation["bbox"])
+        corners = xywh_to_xyxy(annotation["bbox"])
     except (KeyError, TypeError, ValueError):
         raise _BadAnnotation(
             f"annotation {annotation.get('id')}: bbox must be [x, y, width, height], "
             f"got {annotation.get('bbox')!r}"
         ) from None
     try:
-        return check_box((x, y, x + w, y + h), size)
+        return check_box(corners, size)
     except RegionError as error:
         raise _BadAnnotation(f"annotation {annotation.get('id')}: {error}") from None
