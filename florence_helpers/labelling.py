@@ -26,6 +26,7 @@ from .inference import run
 from .model import FlorenceModel
 from .prefetch import prefetched
 from .prompts import Region, TaskInputError
+from .results import AnyResult, BoxesResult, PolygonsResult, Result
 from .tasks import Task, TaskSpec, UnknownTaskError, get_task
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -153,11 +154,16 @@ def _record(
     }
 
 
-def read_labels(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_labels(path: str | os.PathLike, *, as_results: bool = False) -> list[dict[str, Any]]:
     """Read the records of a JSONL file (or a folder of them, as Ray Data writes).
 
     A half-written last line is ignored. ``result`` given as a JSON string (the Ray output
     keeps it as text) is parsed, so both paths read back the same.
+
+    Args:
+        path: The JSONL file or folder.
+        as_results: Turn each ``result`` into the typed result it was written from
+            (:meth:`Result.from_dict`), ready for plotting or filtering by score.
     """
     target = Path(path)
     files = sorted(target.glob("*.json*")) if target.is_dir() else [target]
@@ -172,8 +178,19 @@ def read_labels(path: str | os.PathLike) -> list[dict[str, Any]]:
                 continue  # an interrupted write
             if isinstance(record.get("result"), str):
                 record["result"] = json.loads(record["result"])
+            if as_results:
+                record["result"] = record_result(record)
             records.append(record)
     return records
+
+
+def record_result(record: dict[str, Any]) -> AnyResult | None:
+    """The typed result of a labelling record (None for an error record)."""
+    result = record.get("result")
+    if result is None or isinstance(result, Result):
+        return result
+    size = (record["width"], record["height"])
+    return Result.from_dict(result, task=record["task"], image_size=size)
 
 
 def _resume(output: Path) -> set[str]:
@@ -276,10 +293,7 @@ def export_coco(
     Example:
         >>> export_coco("detections.jsonl", "detections.coco.json")  # doctest: +SKIP
     """
-    import numpy as np
-
     from .conversions import to_coco
-    from .results import BoxesResult, PolygonsResult
 
     records = read_labels(labels) if not isinstance(labels, list) else labels
     categories: dict[str, int] = {}
@@ -297,26 +311,8 @@ def export_coco(
                 "height": record["height"],
             }
         )
-        task = get_task(record["task"]).task
-        size = (record["width"], record["height"])
-        scores = np.asarray(result["scores"], dtype=np.float32) if "scores" in result else None
-        if "boxes" in result:
-            parsed = BoxesResult(
-                task,
-                size,
-                raw="",
-                boxes=np.asarray(result["boxes"], dtype=np.float32).reshape(-1, 4),
-                labels=result["labels"],
-                scores=scores,
-            )
-        elif "polygons" in result:
-            polygons = [
-                [np.asarray(p, dtype=np.float32) for p in shapes] for shapes in result["polygons"]
-            ]
-            parsed = PolygonsResult(
-                task, size, raw="", polygons=polygons, labels=result["labels"], scores=scores
-            )
-        else:
+        parsed = record_result(record)
+        if not isinstance(parsed, BoxesResult | PolygonsResult):
             continue
         for label in parsed.labels:
             categories.setdefault(label, len(categories) + 1)

@@ -8,6 +8,7 @@ Every result keeps the task, the image size the coordinates refer to, the raw ge
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,6 +50,47 @@ class Result:
     def _payload(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    @classmethod
+    def from_dict(
+        cls,
+        data: Mapping[str, Any],
+        *,
+        task: str | Task | None = None,
+        image_size: Sequence[int] | None = None,
+    ) -> AnyResult:
+        """The result that :meth:`to_dict` wrote; its kind is read from the fields.
+
+        Args:
+            data: A dict from :meth:`to_dict` (or JSON read back).
+            task, image_size: Fill in what the dict leaves out (a labelling record keeps
+                them beside the result, not in it).
+
+        Example:
+            >>> boxes = BoxesResult(Task.OD, (64, 48), raw="", boxes=np.ones((1, 4)), labels=["a"])
+            >>> Result.from_dict(boxes.to_dict()).labels
+            ['a']
+        """
+        kind = next(
+            (k for k in (BoxesResult, PolygonsResult, OCRResult, TextResult) if k._key in data),
+            None,
+        )
+        if kind is None or (cls is not Result and kind is not cls):
+            raise ValueError(
+                f"Not a {cls.__name__} dict: expected one of the keys boxes, polygons, quads or "
+                f"text, got {sorted(data)}."
+            )
+        return kind(
+            get_task(task if task is not None else data["task"]).task,
+            tuple(image_size if image_size is not None else data["image_size"]),
+            raw=data.get("raw", ""),
+            truncated=bool(data.get("truncated", False)),
+            **kind._from_payload(data),
+        )
+
+    @classmethod
+    def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
 
 @dataclass
 class TextResult(Result):
@@ -66,12 +108,23 @@ class TextResult(Result):
     score: float | None = None
     logprob: float | None = None
     word_scores: list[tuple[str, float]] | None = field(default=None, repr=False)
+    _key = "text"
 
     def _payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"text": self.text}
         if self.score is not None:
             payload.update(score=self.score, logprob=self.logprob, word_scores=self.word_scores)
         return payload
+
+    @classmethod
+    def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        words = data.get("word_scores")
+        return {
+            "text": data["text"],
+            "score": data.get("score"),
+            "logprob": data.get("logprob"),
+            "word_scores": None if words is None else [(w, float(p)) for w, p in words],
+        }
 
     def __str__(self) -> str:
         return self.text
@@ -110,12 +163,18 @@ class BoxesResult(_Instances, Result):
     labels: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
     _fields = ("boxes", "labels", "scores")
+    _key = "boxes"
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def _payload(self) -> dict[str, Any]:
         return {"boxes": self.boxes.tolist(), "labels": list(self.labels), **_scores(self)}
+
+    @classmethod
+    def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        boxes = np.asarray(data["boxes"], dtype=np.float32).reshape(-1, 4)
+        return {"boxes": boxes, "labels": list(data["labels"]), "scores": _read_scores(data)}
 
 
 @dataclass
@@ -132,9 +191,18 @@ class PolygonsResult(_Instances, Result):
     labels: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
     _fields = ("polygons", "labels", "scores")
+    _key = "polygons"
 
     def __len__(self) -> int:
         return len(self.polygons)
+
+    @classmethod
+    def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        polygons = [
+            [np.asarray(p, dtype=np.float32).reshape(-1, 2) for p in instance]
+            for instance in data["polygons"]
+        ]
+        return {"polygons": polygons, "labels": list(data["labels"]), "scores": _read_scores(data)}
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -159,6 +227,7 @@ class OCRResult(_Instances, Result):
     texts: list[str] = field(default_factory=list)
     scores: np.ndarray | None = None
     _fields = ("quads", "texts", "scores")
+    _key = "quads"
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -166,9 +235,19 @@ class OCRResult(_Instances, Result):
     def _payload(self) -> dict[str, Any]:
         return {"quads": self.quads.tolist(), "texts": list(self.texts), **_scores(self)}
 
+    @classmethod
+    def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        quads = np.asarray(data["quads"], dtype=np.float32).reshape(-1, 4, 2)
+        return {"quads": quads, "texts": list(data["texts"]), "scores": _read_scores(data)}
+
 
 def _scores(result: Any) -> dict[str, Any]:
     return {} if result.scores is None else {"scores": np.asarray(result.scores).tolist()}
+
+
+def _read_scores(data: Mapping[str, Any]) -> np.ndarray | None:
+    scores = data.get("scores")
+    return None if scores is None else np.asarray(scores, dtype=np.float32)
 
 
 AnyResult = TextResult | BoxesResult | PolygonsResult | OCRResult

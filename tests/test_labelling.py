@@ -11,9 +11,10 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from florence_helpers import TaskInputError
+from florence_helpers import BoxesResult, TaskInputError
 from florence_helpers.labelling import export_coco, find_images, label, read_labels
 from florence_helpers.testing import force_answers
 
@@ -196,6 +197,10 @@ def test_read_labels_and_coco_export(florence, folder, tmp_path):
         assert [a["score"] for a in mine] == pytest.approx(result["scores"])
     cat = next(a for a in dataset["annotations"] if names[a["category_id"]] == "cat")
     assert cat["bbox"] == [0.0, 0.0, 450.0, 299.0]
+    typed = {r["image"]: r["result"] for r in read_labels(out, as_results=True)}
+    for image, result in labelled.items():
+        assert isinstance(typed[image], BoxesResult) and typed[image].labels == result["labels"]
+        np.testing.assert_allclose(typed[image].scores, result["scores"], rtol=1e-6)
 
 
 def test_ray_data_gives_the_same_results(florence, folder, tmp_path, tiny_model_dir):

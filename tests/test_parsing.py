@@ -5,7 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from florence_helpers import BoxesResult, OCRResult, PolygonsResult, Task, TextResult, parse_answer
+from florence_helpers import (
+    BoxesResult,
+    OCRResult,
+    PolygonsResult,
+    Result,
+    Task,
+    TextResult,
+    parse_answer,
+)
 
 SIZE = (1600, 1066)  # the seed sample's image size
 
@@ -160,6 +168,37 @@ def test_results_serialise_to_json(processor):
         assert payload["task"] == f"<{task}>"
         assert payload["image_size"] == list(SIZE)
         assert payload["raw"] == raw
+
+
+def test_from_dict_reads_back_what_to_dict_wrote(processor):
+    raws = {
+        "OD": f"</s><s>car{loc(1, 2, 3, 4)}door{loc(5, 6, 7, 8)}</s>",
+        "CAPTION": "</s><s>A car.</s>",
+        "REFERRING_EXPRESSION_SEGMENTATION": (
+            f"</s><s>{loc(1, 1, 9, 1, 9, 9)}<sep>{loc(2, 2, 8, 2, 8, 8)}</s>"
+        ),
+        "OCR_WITH_REGION": f"</s><s>A{loc(1, 1, 2, 1, 2, 2, 1, 2)}</s>",
+        "REGION_PROPOSAL": "</s><s></s>",
+    }
+    for task, raw in raws.items():
+        result = parse_answer(processor, raw, task, SIZE, truncated=task == "OD")
+        if hasattr(result, "scores"):
+            result.scores = np.linspace(0.1, 0.9, len(result), dtype=np.float32)
+        else:
+            result.score, result.logprob, result.word_scores = (
+                0.5,
+                -0.69,
+                [("A", 0.4), ("car.", 0.6)],
+            )
+        back = Result.from_dict(json.loads(json.dumps(result.to_dict())))
+        assert type(back) is type(result) and back.to_dict() == result.to_dict()
+    record = {"boxes": [[1, 2, 3, 4]], "labels": ["cat"]}  # a labelling record's result
+    boxes = BoxesResult.from_dict(record, task="OD", image_size=(10, 10))
+    assert boxes.task is Task.OD and boxes.image_size == (10, 10) and boxes.scores is None
+    with pytest.raises(ValueError, match="Not a TextResult dict"):
+        TextResult.from_dict(record, task="OD", image_size=(10, 10))
+    with pytest.raises(ValueError, match="expected one of the keys"):
+        Result.from_dict({"task": "<OD>", "image_size": [1, 1]})
 
 
 def test_empty_answers_give_empty_results(processor):
