@@ -1,5 +1,12 @@
 """Helpers for Microsoft's Florence-2 on native transformers: load, run, parse, draw.
 
+What is exported here: what a notebook or script needs to load a model, run tasks, read and
+select results, draw them and convert them (COCO, masks, supervision, box formats). Whole
+workflows with their own vocabulary are imported from their modules: ``finetune``,
+``adapters``, ``training_data``, ``evaluation.evaluate_samples``, ``labelling``,
+``ray_labelling``, ``widgets``; so are internals (``decoding``, ``prefetch``) and the offline
+test model (``testing``). ``__all__`` is sorted: constants, classes, then functions.
+
 Example:
     >>> from florence_helpers import load_model, run, plot_result
     >>> florence = load_model()  # doctest: +SKIP
@@ -39,10 +46,18 @@ from .plotting import (
     plot_result,
 )
 from .prompts import TaskInputError, build_prompt
-from .regions import RegionError, box_to_loc_tokens, dequantize, loc_tokens_to_box, quantize
+from .regions import (
+    RegionError,
+    box_to_loc_tokens,
+    dequantize,
+    loc_tokens_to_box,
+    quantize,
+    xywh_to_xyxy,
+    xyxy_to_xywh,
+)
 from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
 from .scores import filter_by_score, sort_by_score, top_k
-from .tasks import TASKS, InputKind, ResultKind, Task, TaskSpec, UnknownTaskError, get_task
+from .tasks import TASKS, InputKind, ResultKind, Task, TaskSpec, UnknownTaskError, task_spec
 
 __all__ = [
     "CHECKPOINTS",
@@ -73,7 +88,6 @@ __all__ = [
     "evaluate_detections",
     "filter_by_score",
     "from_coco",
-    "get_task",
     "label_color",
     "load_image",
     "load_model",
@@ -87,14 +101,17 @@ __all__ = [
     "plot_result",
     "polygons_to_mask",
     "quantize",
-    "sort_by_score",
     "reading_order",
     "run",
     "run_tasks",
+    "sort_by_score",
+    "task_spec",
     "to_coco",
     "to_lines",
     "to_mask",
     "to_masks",
     "to_supervision",
     "top_k",
+    "xywh_to_xyxy",
+    "xyxy_to_xywh",
 ]

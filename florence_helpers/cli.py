@@ -23,7 +23,7 @@ from .model import (
 )
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError
-from .tasks import TASKS, UnknownTaskError, get_task
+from .tasks import TASKS, UnknownTaskError, task_spec
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_MODEL = 3
@@ -109,7 +109,7 @@ def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
     try:
-        spec = get_task(args.task)
+        spec = task_spec(args.task)
         if not Path(args.folder).is_dir():
             raise ImageLoadError(f"Not a folder: {args.folder}")
         build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
@@ -151,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked without the model is checked first.
-        spec = get_task(args.task)
+        spec = task_spec(args.task)
         image = load_image(args.image)
         build_prompt(spec, image.size, text=args.text, region=args.region)
     except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:

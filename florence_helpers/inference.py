@@ -17,7 +17,7 @@ from .prefetch import prefetched
 from .prompts import Region, TaskInputError, build_prompt
 from .results import AnyResult, parse_answer
 from .scores import attach_scores, scored_ids
-from .tasks import AnswerSize, Task, TaskSpec, get_task
+from .tasks import AnswerSize, Task, TaskSpec, task_spec
 
 
 @overload
@@ -90,7 +90,7 @@ def run(
         >>> run(florence, "images/astronaut.jpg", "CAPTION").text  # doctest: +SKIP
         'A woman in a space suit holding a flag.'
     """
-    spec = get_task(task)
+    spec = task_spec(task)
     single = not isinstance(images, (list, tuple))
     sources = [images] if single else list(images)
     texts = _per_image(text, len(sources), "text", is_item=lambda v: isinstance(v, str))
@@ -173,7 +173,7 @@ def run_tasks(
     specs, prompts = [], []
     for request in tasks:
         task, extra = request if isinstance(request, tuple) else (request, None)
-        spec = get_task(task)
+        spec = task_spec(task)
         text = extra if isinstance(extra, str) else None
         region = extra if extra is not None and not isinstance(extra, str) else None
         prompts.append(build_prompt(spec, picture.size, text=text, region=region))

@@ -27,7 +27,7 @@ from .model import FlorenceModel
 from .prefetch import prefetched
 from .prompts import Region, TaskInputError
 from .results import AnyResult, BoxesResult, PolygonsResult, Result
-from .tasks import Task, TaskSpec, UnknownTaskError, get_task
+from .tasks import Task, TaskSpec, UnknownTaskError, task_spec
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -67,7 +67,7 @@ def label_batch(
     None; or ``result`` None and ``error`` the reason. ``loaded`` may hold the images already
     read by :func:`read_images`.
     """
-    spec = get_task(task)
+    spec = task_spec(task)
     loaded = read_images(sources) if loaded is None else loaded
     records: list[dict[str, Any] | None] = [None] * len(sources)
     good, images = [], []
@@ -241,7 +241,7 @@ def label(
     Example:
         >>> label(florence, "images", "DETAILED_CAPTION", "captions.jsonl")  # doctest: +SKIP
     """
-    spec = get_task(task)
+    spec = task_spec(task)
     if isinstance(sources, (str, os.PathLike)) and Path(sources).is_dir():
         paths = find_images(sources)
     elif isinstance(sources, (str, os.PathLike)):

@@ -6,7 +6,7 @@ import re
 from collections.abc import Sequence
 
 from .regions import box_to_loc_tokens
-from .tasks import TASKS, InputKind, Task, TaskSpec, get_task
+from .tasks import TASKS, InputKind, Task, TaskSpec, task_spec
 
 _FOUR_LOC_TOKENS = re.compile(r"^\s*(<loc_\d{1,3}>){4}\s*$")
 
@@ -41,7 +41,7 @@ def build_prompt(
         >>> build_prompt("REGION_TO_CATEGORY", (640, 480), region=(10, 20, 300, 400))
         '<REGION_TO_CATEGORY><loc_15><loc_41><loc_468><loc_833>'
     """
-    spec = get_task(task)
+    spec = task_spec(task)
     has_text = text is not None and str(text).strip() != ""
     if spec.input is InputKind.NONE:
         if has_text or region is not None:

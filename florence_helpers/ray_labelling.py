@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from .tasks import Task, TaskSpec, get_task
+from .tasks import Task, TaskSpec, task_spec
 
 
 class FlorenceLabeller:
@@ -109,7 +109,7 @@ def label_with_ray(
         ) from None
     if output_format not in ("jsonl", "parquet"):
         raise ValueError(f"output_format must be 'jsonl' or 'parquet', not {output_format!r}")
-    spec = get_task(task)
+    spec = task_spec(task)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     dataset = ray.data.from_items([{"image": str(source)} for source in sources])

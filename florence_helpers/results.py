@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .regions import LOC_TOKEN
-from .tasks import ResultKind, Task, TaskSpec, get_task
+from .tasks import ResultKind, Task, TaskSpec, task_spec
 
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>")
 
@@ -80,7 +80,7 @@ class Result:
                 f"text, got {sorted(data)}."
             )
         return kind(
-            get_task(task if task is not None else data["task"]).task,
+            task_spec(task if task is not None else data["task"]).task,
             tuple(image_size if image_size is not None else data["image_size"]),
             raw=data.get("raw", ""),
             truncated=bool(data.get("truncated", False)),
@@ -285,7 +285,7 @@ def parse_answer(
         >>> result.labels, result.boxes.tolist()  # doctest: +SKIP
         (['car'], [[52.0, 333.0, 932.0, 774.0]])
     """
-    spec = get_task(task)
+    spec = task_spec(task)
     raw = clean_generated_text(raw)
     size = (int(image_size[0]), int(image_size[1]))
     common = {"task": spec.task, "image_size": size, "raw": raw, "truncated": truncated}

@@ -32,7 +32,7 @@ import torch
 
 from .regions import LOC_TOKEN
 from .results import AnyResult, TextResult
-from .tasks import ResultKind, Task, get_task
+from .tasks import ResultKind, Task, task_spec
 
 _DROPPED = {"<s>", "</s>", "<pad>"}
 _BOX_TEXT = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)")
@@ -164,7 +164,7 @@ def instance_spans(task: Task, text: str, banned: set[str] = frozenset()) -> lis
     ``text`` is the generation with ``<s>``, ``</s>`` and ``<pad>`` removed; the order is the
     native parser's order.
     """
-    kind = get_task(task).result
+    kind = task_spec(task).result
     if kind is ResultKind.OCR_REGIONS:
         return _ocr_instances(text)
     if kind is ResultKind.POLYGONS:

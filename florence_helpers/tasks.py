@@ -163,7 +163,7 @@ class UnknownTaskError(ValueError):
     """Raised for a task name that is not one of the 15 Florence-2 tasks."""
 
 
-def get_task(task: str | Task | TaskSpec) -> TaskSpec:
+def task_spec(task: str | Task | TaskSpec) -> TaskSpec:
     """Look up a task by token (``"<OD>"``), name (``"OD"``, ``"od"``) or enum.
 
     Args:
@@ -176,7 +176,7 @@ def get_task(task: str | Task | TaskSpec) -> TaskSpec:
         UnknownTaskError: The name matches no task; the message lists the closest names.
 
     Example:
-        >>> get_task("od").token
+        >>> task_spec("od").token
         '<OD>'
     """
     if isinstance(task, TaskSpec):

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .prompts import build_prompt
 from .regions import RegionError, box_to_loc_tokens, check_box, xywh_to_xyxy
-from .tasks import Task, get_task
+from .tasks import Task, task_spec
 
 Box = tuple[float, float, float, float]
 OnError = Literal["raise", "skip"]
@@ -190,7 +190,7 @@ def read_coco(
         >>> dataset[0].target  # doctest: +SKIP
         'circle<loc_102><loc_215><loc_287><loc_479>square<loc_...>'
     """
-    task = get_task(task).task
+    task = task_spec(task).task
     if task not in (Task.OD, Task.REGION_TO_CATEGORY, *_GROUNDING_TASKS):
         raise ValueError(
             f"COCO data can train OD, REGION_TO_CATEGORY or grounding "
@@ -290,7 +290,7 @@ def read_grounding_jsonl(
         >>> data[0].prompt  # doctest: +SKIP
         '<OPEN_VOCABULARY_DETECTION>bottom right sandwich'
     """
-    grounding = get_task(grounding_task).task
+    grounding = task_spec(grounding_task).task
     if grounding not in _GROUNDING_TASKS:
         raise ValueError(
             f"grounding_task must be one of {', '.join(t.name for t in _GROUNDING_TASKS)}."

@@ -9,7 +9,7 @@ from typing import Any
 
 from .images import ImageSource, load_image
 from .model import FlorenceModel
-from .tasks import TASKS, InputKind, Task, get_task
+from .tasks import TASKS, InputKind, Task, task_spec
 
 
 def _name(source: ImageSource, index: int) -> str:
@@ -59,7 +59,7 @@ class Explorer:
         )
         self.task = widgets.Dropdown(
             options=[(spec.name, spec.task) for spec in TASKS.values()],
-            value=get_task(task).task,
+            value=task_spec(task).task,
             description="Task",
         )
         self.text = widgets.Text(description="Text", placeholder="a phrase or a caption")

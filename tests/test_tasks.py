@@ -1,29 +1,29 @@
 import pytest
 
-from florence_helpers import TASKS, InputKind, ResultKind, Task, UnknownTaskError, get_task
+from florence_helpers import TASKS, InputKind, ResultKind, Task, UnknownTaskError, task_spec
 
 
 @pytest.mark.parametrize("spelling", ["OD", "<OD>", "od", " <od> ", Task.OD])
 def test_every_spelling_names_the_same_task(spelling):
-    assert get_task(spelling).task is Task.OD
-    assert get_task(spelling).token == "<OD>"
+    assert task_spec(spelling).task is Task.OD
+    assert task_spec(spelling).token == "<OD>"
 
 
 def test_spaces_and_dashes_in_names():
-    assert get_task("caption to phrase grounding").task is Task.CAPTION_TO_PHRASE_GROUNDING
-    assert get_task("region-to-ocr").task is Task.REGION_TO_OCR
+    assert task_spec("caption to phrase grounding").task is Task.CAPTION_TO_PHRASE_GROUNDING
+    assert task_spec("region-to-ocr").task is Task.REGION_TO_OCR
 
 
 def test_unknown_task_lists_the_closest_names():
     with pytest.raises(UnknownTaskError, match=r"Unknown Florence-2 task 'DETAILED_CAPTON'") as e:
-        get_task("DETAILED_CAPTON")
+        task_spec("DETAILED_CAPTON")
     assert "Did you mean DETAILED_CAPTION" in str(e.value)
     assert "MORE_DETAILED_CAPTION" in str(e.value)
 
 
 def test_non_string_task_is_rejected():
     with pytest.raises(UnknownTaskError, match="must be a string or Task"):
-        get_task(3)
+        task_spec(3)
 
 
 def test_registry_has_the_fifteen_tasks():
@@ -53,4 +53,4 @@ def test_result_kinds_match_the_native_parser(processor):
         "polygons": ResultKind.POLYGONS,
     }
     for token, parse_type in processor.tasks_answer_post_processing_type.items():
-        assert get_task(token).result is native_kind[parse_type], token
+        assert task_spec(token).result is native_kind[parse_type], token
