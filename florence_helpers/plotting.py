@@ -5,6 +5,10 @@ it and return ``ax``. :func:`annotate` returns a new PIL image instead, for savi
 image is never modified. A label always gets the same colour (:func:`label_color`), label text
 sits on a filled tag so it reads on dark and light photos, and boxes on the image border stay
 inside the picture.
+
+Both paths draw the same shapes: :func:`drawables` turns any result into a list of
+:class:`Drawable` (box or polygon, filled or outlined, colour, tag), and a matplotlib and a PIL
+renderer draw that list. A new kind of result is drawn by teaching :func:`drawables` alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import math
 import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -107,6 +112,97 @@ def _inside(box: Sequence[float], size: tuple[int, int], margin: float) -> list[
     return [left, top, right, bottom]
 
 
+@dataclass(frozen=True)
+class Drawable:
+    """One shape of a result, as both drawing paths (matplotlib and PIL) render it.
+
+    Attributes:
+        points: A box as ``[x1, y1, x2, y2]`` (``is_box``), else a polygon's ``(K, 2)`` points.
+        is_box: Whether ``points`` is a box.
+        filled: Fill the shape semi-transparently (segmentation masks) or only outline it.
+        color: The shape's colour, from its label.
+        tag: Text to write on a filled tag at the shape's top-left corner, or None.
+    """
+
+    points: Any
+    is_box: bool
+    filled: bool
+    color: tuple[int, int, int]
+    tag: str | None
+
+    def corner(self) -> tuple[float, float]:
+        """Top-left of the shape: where its tag goes."""
+        if self.is_box:
+            return self.points[0], self.points[1]
+        x, y = np.asarray(self.points).min(axis=0)
+        return float(x), float(y)
+
+
+def drawables(result: AnyResult) -> list[Drawable]:
+    """The shapes that draw ``result``: the one place that knows how each result kind looks.
+
+    Boxes are outlined, segmentation polygons filled (every polygon of an instance in its
+    colour, the tag on the first), OCR quadrilaterals outlined with their text; a text result
+    has no shapes (it becomes the title or a caption).
+    """
+    shapes: list[Drawable] = []
+    if isinstance(result, BoxesResult):
+        for i, (box, label) in enumerate(zip(result.boxes.tolist(), result.labels, strict=True)):
+            tag = _caption(label, result.scores, i) or None
+            shapes.append(Drawable(box, True, False, label_color(label), tag))
+    elif isinstance(result, PolygonsResult):
+        for i, (polygons, label) in enumerate(zip(result.polygons, result.labels, strict=True)):
+            tag = _caption(label, result.scores, i) or None
+            for number, polygon in enumerate(polygons):
+                first = tag if number == 0 else None
+                shapes.append(Drawable(polygon, False, True, label_color(label), first))
+    elif isinstance(result, OCRResult):
+        for i, (quad, text) in enumerate(zip(result.quads, result.texts, strict=True)):
+            shapes.append(
+                Drawable(quad, False, False, label_color(text), _caption(text, result.scores, i))
+            )
+    return shapes
+
+
+def _draw_on_axes(ax: Any, shapes: Sequence[Drawable], size: tuple[int, int]) -> None:
+    """Render drawables with matplotlib patches and tags."""
+    from matplotlib.patches import Polygon, Rectangle
+
+    for shape in shapes:
+        color = shape.color
+        if shape.is_box:
+            x1, y1, x2, y2 = _inside(shape.points, size, 1)
+            patch = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=_rgb01(color), lw=2)
+            corner = (x1, y1)
+        elif len(shape.points) >= 2:
+            fill = {"fc": _rgb01(color, 0.4)} if shape.filled else {"fill": False, "lw": 2}
+            patch = Polygon(shape.points, closed=True, ec=_rgb01(color), **fill)
+            corner = shape.corner()
+        else:
+            continue
+        ax.add_patch(patch)
+        if shape.tag:
+            _tag(ax, *corner, shape.tag, color)
+
+
+def _draw_on_image(draw: Any, shapes: Sequence[Drawable], size: tuple[int, int], line: int) -> list:
+    """Render drawables with PIL onto an RGBA overlay; returns the tags to write on top."""
+    tags = []
+    for shape in shapes:
+        color = shape.color
+        if shape.is_box:
+            draw.rectangle(_inside(shape.points, size, 0), outline=(*color, 255), width=line)
+        elif len(shape.points) >= 3:
+            points = [tuple(p) for p in np.asarray(shape.points).tolist()]
+            fill = (*color, 100) if shape.filled else None
+            draw.polygon(points, fill=fill, outline=(*color, 255), width=line)
+        else:
+            continue
+        if shape.tag:
+            tags.append((*shape.corner(), shape.tag, color))
+    return tags
+
+
 def plot_boxes(image: ImageSource, result: BoxesResult, ax: Any = None) -> Any:
     """Draw boxes with their labels (and scores when the result has them).
 
@@ -122,16 +218,8 @@ def plot_boxes(image: ImageSource, result: BoxesResult, ax: Any = None) -> Any:
         >>> boxes = run(florence, "images/astronaut.jpg", "OD")  # doctest: +SKIP
         >>> plot_boxes("images/astronaut.jpg", boxes)  # doctest: +SKIP
     """
-    from matplotlib.patches import Rectangle
-
     ax, picture = _show(image, ax)
-    for i, (box, label) in enumerate(zip(result.boxes.tolist(), result.labels, strict=True)):
-        color = label_color(label)
-        x1, y1, x2, y2 = _inside(box, picture.size, 1)
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ec=_rgb01(color), lw=2))
-        text = _caption(label, result.scores, i)
-        if text:
-            _tag(ax, x1, y1, text, color)
+    _draw_on_axes(ax, drawables(result), picture.size)
     return ax
 
 
@@ -146,18 +234,8 @@ def plot_polygons(image: ImageSource, result: PolygonsResult, ax: Any = None) ->
         ... # doctest: +SKIP
         >>> plot_polygons(image, mask)  # doctest: +SKIP
     """
-    from matplotlib.patches import Polygon
-
-    ax, _ = _show(image, ax)
-    for i, (shapes, label) in enumerate(zip(result.polygons, result.labels, strict=True)):
-        color = label_color(label)
-        for shape in shapes:
-            if len(shape) >= 2:
-                ax.add_patch(Polygon(shape, closed=True, fc=_rgb01(color, 0.4), ec=_rgb01(color)))
-        text = _caption(label, result.scores, i)
-        if text and shapes:
-            x, y = np.concatenate(shapes).min(axis=0)
-            _tag(ax, x, y, text, color)
+    ax, picture = _show(image, ax)
+    _draw_on_axes(ax, drawables(result), picture.size)
     return ax
 
 
@@ -168,13 +246,8 @@ def plot_ocr(image: ImageSource, result: OCRResult, ax: Any = None) -> Any:
         >>> lines = run(florence, "images/poster.png", "OCR_WITH_REGION")  # doctest: +SKIP
         >>> plot_ocr("images/poster.png", lines)  # doctest: +SKIP
     """
-    from matplotlib.patches import Polygon
-
-    ax, _ = _show(image, ax)
-    for i, (quad, text) in enumerate(zip(result.quads, result.texts, strict=True)):
-        color = label_color(text)
-        ax.add_patch(Polygon(quad, closed=True, fill=False, ec=_rgb01(color), lw=2))
-        _tag(ax, quad[:, 0].min(), quad[:, 1].min(), _caption(text, result.scores, i), color)
+    ax, picture = _show(image, ax)
+    _draw_on_axes(ax, drawables(result), picture.size)
     return ax
 
 
@@ -219,14 +292,8 @@ def plot_result(
         >>> plot_result("images/cat.jpg", run(florence, "images/cat.jpg", "OD"), ax)
         ... # doctest: +SKIP
     """
-    if isinstance(result, BoxesResult):
-        ax = plot_boxes(image, result, ax)
-    elif isinstance(result, PolygonsResult):
-        ax = plot_polygons(image, result, ax)
-    elif isinstance(result, OCRResult):
-        ax = plot_ocr(image, result, ax)
-    else:
-        ax, _ = _show(image, ax)
+    ax, picture = _show(image, ax)
+    _draw_on_axes(ax, drawables(result), picture.size)
     if region is not None:
         plot_region(image, region, ax)
     if title is None:
@@ -299,31 +366,8 @@ def annotate(
     draw = ImageDraw.Draw(overlay)
     line = max(2, round(max(canvas.size) / 300))
     font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 50)))
-    tags: list[tuple[float, float, str, tuple[int, int, int]]] = []
-
-    if isinstance(result, BoxesResult):
-        for i, (box, label) in enumerate(zip(result.boxes.tolist(), result.labels, strict=True)):
-            color = label_color(label)
-            draw.rectangle(_inside(box, canvas.size, 0), outline=(*color, 255), width=line)
-            if text := _caption(label, result.scores, i):
-                tags.append((box[0], box[1], text, color))
-    elif isinstance(result, PolygonsResult):
-        for i, (shapes, label) in enumerate(zip(result.polygons, result.labels, strict=True)):
-            color = label_color(label)
-            for shape in shapes:
-                if len(shape) >= 3:
-                    points = [tuple(p) for p in shape.tolist()]
-                    draw.polygon(points, fill=(*color, 100), outline=(*color, 255), width=line)
-            if (text := _caption(label, result.scores, i)) and shapes:
-                x, y = np.concatenate(shapes).min(axis=0)
-                tags.append((x, y, text, color))
-    elif isinstance(result, OCRResult):
-        for i, (quad, text) in enumerate(zip(result.quads.tolist(), result.texts, strict=True)):
-            color = label_color(text)
-            draw.polygon([tuple(p) for p in quad], outline=(*color, 255), width=line)
-            x, y = min(p[0] for p in quad), min(p[1] for p in quad)
-            tags.append((x, y, _caption(text, result.scores, i), color))
-    elif isinstance(result, TextResult):
+    tags = _draw_on_image(draw, drawables(result), canvas.size, line)
+    if isinstance(result, TextResult):
         tags.append((0, 0, textwrap.shorten(result.text, 120) or "(empty)", (0, 0, 0)))
     if region is not None:
         draw.rectangle(_inside(region, canvas.size, 0), outline=(*_REGION_COLOR, 255), width=line)

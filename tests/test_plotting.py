@@ -150,3 +150,29 @@ def test_label_tags_contrast_with_their_background(background):
     colors = {tuple(c) for c in tag}
     assert label_color("person") in colors
     assert len(colors) > 2  # text drawn on the tag
+
+
+def test_both_drawing_paths_render_the_same_drawables(grey, monkeypatch):
+    import florence_helpers.plotting as plotting
+
+    triangle = np.array([[20, 20], [80, 20], [20, 80]], np.float32)
+    mask = PolygonsResult(
+        Task.REFERRING_EXPRESSION_SEGMENTATION,
+        SIZE,
+        raw="",
+        polygons=[[triangle, triangle + [100, 0]]],
+        labels=["sail"],
+    )
+    shapes = plotting.drawables(mask)
+    assert [(s.is_box, s.filled, s.tag) for s in shapes] == [(False, True, "sail")] + [
+        (False, True, None)
+    ]
+    assert plotting.drawables(TextResult(Task.CAPTION, SIZE, raw="", text="a boat")) == []
+    # A new kind of shape added in drawables() appears in both paths, with nothing else to edit.
+    custom = [plotting.Drawable([150, 10, 190, 40], True, False, (0, 0, 255), "new")]
+    monkeypatch.setattr(plotting, "drawables", lambda result: custom)
+    fig, ax = plt.subplots()
+    plot_result(grey, mask, ax)
+    assert len(ax.patches) == 1 and [t.get_text() for t in ax.texts] == ["new"]
+    plt.close(fig)
+    assert annotate(grey, mask).getpixel((190, 30)) == (0, 0, 255)
