@@ -88,20 +88,11 @@ def evaluate_detections(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    if not isinstance(ground_truth, Mapping):
-        ground_truth = json.loads(Path(ground_truth).read_text())
-    dataset = copy.deepcopy(dict(ground_truth))
-    dataset.setdefault("info", {})
-    if class_agnostic:
-        dataset["categories"] = [{"id": 1, "name": _AGNOSTIC}]
-        for annotation in dataset["annotations"]:
-            annotation["category_id"] = 1
-    by_name = {c["name"]: c["id"] for c in dataset["categories"]}
+    dataset = _copy_of_dataset(ground_truth, class_agnostic)
     image_ids = {image["file_name"]: image["id"] for image in dataset["images"]}
     unknown = sorted(set(predictions) - set(image_ids))
     if unknown:
         raise KeyError(f"Predictions for images not in the ground truth: {', '.join(unknown)}")
-
     constant = any(result.scores is None for result in predictions.values())
     if constant:
         warnings.warn(
@@ -110,21 +101,7 @@ def evaluate_detections(
             "confidences.",
             stacklevel=2,
         )
-    detections = []
-    for file_name, result in predictions.items():
-        scores = np.ones(len(result)) if constant else np.asarray(result.scores, dtype=float)
-        for box, label, score in zip(result.boxes.tolist(), result.labels, scores, strict=True):
-            category = 1 if class_agnostic else by_name.get(label)
-            if category is None:
-                continue  # a label the dataset does not have: it can match nothing
-            detections.append(
-                {
-                    "image_id": image_ids[file_name],
-                    "category_id": category,
-                    "bbox": xyxy_to_xywh(box),
-                    "score": float(score),
-                }
-            )
+    detections = _coco_detections(predictions, dataset, image_ids, constant, class_agnostic)
 
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
@@ -155,6 +132,45 @@ def evaluate_detections(
         matched=matched,
         num_ground_truth=num_gt,
     )
+
+
+def _copy_of_dataset(ground_truth: str | Path | Mapping[str, Any], class_agnostic: bool) -> dict:
+    """A private copy of the COCO dataset, with one category for all when class-agnostic."""
+    if not isinstance(ground_truth, Mapping):
+        ground_truth = json.loads(Path(ground_truth).read_text())
+    dataset = copy.deepcopy(dict(ground_truth))
+    dataset.setdefault("info", {})
+    if class_agnostic:
+        dataset["categories"] = [{"id": 1, "name": _AGNOSTIC}]
+        for annotation in dataset["annotations"]:
+            annotation["category_id"] = 1
+    return dataset
+
+
+def _coco_detections(
+    predictions: Mapping[str, BoxesResult],
+    dataset: Mapping[str, Any],
+    image_ids: Mapping[str, int],
+    constant: bool,
+    class_agnostic: bool,
+) -> list[dict[str, Any]]:
+    """The predicted boxes as COCO results; a label the dataset lacks matches nothing."""
+    by_name = {c["name"]: c["id"] for c in dataset["categories"]}
+    detections = []
+    for file_name, result in predictions.items():
+        scores = np.ones(len(result)) if constant else np.asarray(result.scores, dtype=float)
+        for box, label, score in zip(result.boxes.tolist(), result.labels, scores, strict=True):
+            category = 1 if class_agnostic else by_name.get(label)
+            if category is not None:
+                detections.append(
+                    {
+                        "image_id": image_ids[file_name],
+                        "category_id": category,
+                        "bbox": xyxy_to_xywh(box),
+                        "score": float(score),
+                    }
+                )
+    return detections
 
 
 def _matches_at_iou50(evaluator: Any) -> tuple[np.ndarray, np.ndarray, int]:

@@ -196,17 +196,7 @@ def read_coco(
             f"COCO data can train OD, REGION_TO_CATEGORY or grounding "
             f"({', '.join(t.name for t in _GROUNDING_TASKS)}), not {task.name}."
         )
-    if isinstance(annotations, Mapping):
-        dataset, source = annotations, "COCO data"
-        root = Path(images_dir) if images_dir is not None else Path.cwd()
-    else:
-        path = Path(annotations).expanduser()
-        dataset = _read_json(path)
-        source = path.name
-        root = Path(images_dir).expanduser() if images_dir is not None else path.parent
-    for key in ("images", "annotations", "categories"):
-        if key not in dataset:
-            raise ValueError(f"{source} is not a COCO detection file: it has no {key!r} list.")
+    dataset, source, root = _coco_file(annotations, images_dir)
     categories = {int(c["id"]): str(c["name"]) for c in dataset["categories"]}
     by_image: dict[int, list[Mapping[str, Any]]] = {int(i["id"]): [] for i in dataset["images"]}
     problems: list[AnnotationProblem] = []
@@ -237,29 +227,59 @@ def read_coco(
         except (_BadAnnotation, RegionError) as error:
             problems.append(AnnotationProblem(where, str(error)))
             continue
-        if task is Task.OD:
-            groups = [(where, labels, boxes, None, None)]
-        elif task is Task.REGION_TO_CATEGORY:
-            groups = [
-                (f"{where} object {n}", [label], [box], None, box)
-                for n, (label, box) in enumerate(zip(labels, boxes, strict=True), start=1)
-            ]
-        else:  # grounding: one sample per category present, in first-seen order
-            groups = [
-                (
-                    f"{where} {name!r}",
-                    [name] * labels.count(name),
-                    [b for label, b in zip(labels, boxes, strict=True) if label == name],
-                    name,
-                    None,
-                )
-                for name in dict.fromkeys(labels)
-            ]
         samples += [
             _sample(sample_id, image_path, size, task, own_labels, own_boxes, text, region)
-            for sample_id, own_labels, own_boxes, text, region in groups
+            for sample_id, own_labels, own_boxes, text, region in _per_sample(
+                task, where, labels, boxes
+            )
         ]
     return _finish(samples, problems, on_error)
+
+
+def _coco_file(
+    annotations: str | Path | Mapping[str, Any], images_dir: str | Path | None
+) -> tuple[Mapping[str, Any], str, Path]:
+    """The COCO dataset, a name for it in messages, and the folder its file names start from."""
+    if isinstance(annotations, Mapping):
+        dataset, source = annotations, "COCO data"
+        root = Path(images_dir) if images_dir is not None else Path.cwd()
+    else:
+        path = Path(annotations).expanduser()
+        dataset = _read_json(path)
+        source = path.name
+        root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    for key in ("images", "annotations", "categories"):
+        if key not in dataset:
+            raise ValueError(f"{source} is not a COCO detection file: it has no {key!r} list.")
+    return dataset, source, root
+
+
+def _per_sample(
+    task: Task, where: str, labels: list[str], boxes: list[Box]
+) -> list[tuple[str, list[str], list[Box], str | None, Box | None]]:
+    """How one image's objects split into samples for ``task``.
+
+    Returns ``(sample_id, labels, boxes, text, region)`` per sample: ``OD`` one sample with
+    every object, ``REGION_TO_CATEGORY`` one per object, grounding one per category present
+    (in first-seen order).
+    """
+    if task is Task.OD:
+        return [(where, labels, boxes, None, None)]
+    if task is Task.REGION_TO_CATEGORY:
+        return [
+            (f"{where} object {n}", [label], [box], None, box)
+            for n, (label, box) in enumerate(zip(labels, boxes, strict=True), start=1)
+        ]
+    return [
+        (
+            f"{where} {name!r}",
+            [name] * labels.count(name),
+            [b for label, b in zip(labels, boxes, strict=True) if label == name],
+            name,
+            None,
+        )
+        for name in dict.fromkeys(labels)
+    ]
 
 
 def read_grounding_jsonl(
