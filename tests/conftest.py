@@ -1,4 +1,7 @@
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -10,9 +13,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def florence(tiny_model_dir: Path) -> FlorenceModel:
-    """The tiny Florence-2, loaded on the CPU in fp32."""
-    return load_model(tiny_model_dir, device="cpu")
+def device() -> str:
+    """Where device-agnostic tests run: ``$FLORENCE_TEST_DEVICE`` (e.g. ``cuda``), else the CPU.
+
+    Tests about the CPU itself (its bf16 autocast, thread counts, Ray workers) stay on it.
+    """
+    return os.environ.get("FLORENCE_TEST_DEVICE", "cpu")
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_model_dir: Path, device: str) -> Callable[..., FlorenceModel]:
+    """``load_model`` for a fresh tiny model on the test device, in fp32 unless told."""
+
+    def load(**kwargs: Any) -> FlorenceModel:
+        return load_model(tiny_model_dir, **{"device": device, "dtype": "float32", **kwargs})
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def florence(load_tiny: Callable[..., FlorenceModel]) -> FlorenceModel:
+    """The tiny Florence-2 shared by a session's tests, in fp32 on the test device."""
+    return load_tiny()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from florence_helpers import load_model, run
+from florence_helpers import run
 from florence_helpers.inference import run_tasks
 from florence_helpers.testing import force_answers
 
@@ -80,8 +80,8 @@ def test_four_threads_on_one_model_get_the_sequential_answers(florence):
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_the_models_attention_implementation_is_left_as_it_was(tiny_model_dir, implementation):
-    florence = load_model(tiny_model_dir, device="cpu")
+def test_the_models_attention_implementation_is_left_as_it_was(load_tiny, implementation):
+    florence = load_tiny()
     florence.model.set_attn_implementation(implementation)
     picture = _pictures()[0]
     run(florence, picture, "OD", num_beams=3, max_new_tokens=8)
@@ -93,10 +93,10 @@ def test_the_models_attention_implementation_is_left_as_it_was(tiny_model_dir, i
     assert florence.model.config.text_config._attn_implementation == implementation
 
 
-def test_eager_attention_gives_the_same_beams(tiny_model_dir):
+def test_eager_attention_gives_the_same_beams(load_tiny):
     picture = _pictures()[1]
-    sdpa = load_model(tiny_model_dir, device="cpu")
-    eager = load_model(tiny_model_dir, device="cpu")
+    sdpa = load_tiny()
+    eager = load_tiny()
     eager.model.set_attn_implementation("eager")
     a = run(sdpa, picture, "OD", num_beams=3, max_new_tokens=24, scores=True)
     b = run(eager, picture, "OD", num_beams=3, max_new_tokens=24, scores=True)

@@ -49,13 +49,18 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh(tiny_model_dir):
-    return load_model(tiny_model_dir, device="cpu", dtype="float32")
+def fresh(load_tiny):
+    return load_tiny()
 
 
 def _loss(model, batch):
     with torch.no_grad():
-        return model(**batch).loss.item()
+        return model(**_on(model, batch)).loss.item()
+
+
+def _on(model, batch):
+    """The batch on the model's device."""
+    return {name: tensor.to(model.device) for name, tensor in batch.items()}
 
 
 def test_padding_is_masked_and_the_loss_ignores_it(fresh, shapes):
@@ -82,16 +87,16 @@ def test_frozen_vision_tower_gets_no_gradient(fresh, shapes):
     tower = fresh.model.model.vision_tower
     assert frozen == sum(p.numel() for p in tower.parameters()) > 0
     fresh.model.train()
-    fresh.model(**collate(fresh.processor, shapes.samples[:2])).loss.backward()
+    fresh.model(**_on(fresh.model, collate(fresh.processor, shapes.samples[:2]))).loss.backward()
     assert all(p.grad is None for p in tower.parameters())
     assert fresh.model.model.multi_modal_projector.image_projection.weight.grad is not None
 
 
-def test_cached_image_features_give_the_same_training(tiny_model_dir, shapes):
+def test_cached_image_features_give_the_same_training(load_tiny, shapes):
     config = TrainingConfig(epochs=2, batch_size=2, learning_rate=1e-3)
     histories = []
     for cached in (False, True):
-        florence = load_model(tiny_model_dir, device="cpu")
+        florence = load_tiny()
         histories.append(
             train(
                 florence,
@@ -103,12 +108,12 @@ def test_cached_image_features_give_the_same_training(tiny_model_dir, shapes):
     assert histories[1].losses == pytest.approx(histories[0].losses, rel=1e-4)
 
 
-def test_accumulating_batches_equals_one_bigger_batch(tiny_model_dir, shapes):
+def test_accumulating_batches_equals_one_bigger_batch(load_tiny, shapes):
     # Targets differ in length, so averaging per batch (not per token) would differ here.
     assert len({len(s.target) for s in shapes}) > 1
     runs = []
     for batch_size, accumulation in ((4, 1), (2, 2), (1, 4)):
-        florence = load_model(tiny_model_dir, device="cpu")
+        florence = load_tiny()
         config = TrainingConfig(
             epochs=2,
             batch_size=batch_size,
@@ -123,9 +128,9 @@ def test_accumulating_batches_equals_one_bigger_batch(tiny_model_dir, shapes):
     assert runs[2] == pytest.approx(runs[0], rel=1e-5)
 
 
-def test_the_same_seed_gives_the_same_lora_run(tiny_model_dir, shapes):
+def test_the_same_seed_gives_the_same_lora_run(load_tiny, shapes):
     def lora_run(seed):
-        lora = add_lora(load_model(tiny_model_dir, device="cpu"), seed=seed)
+        lora = add_lora(load_tiny(), seed=seed)
         config = TrainingConfig(epochs=3, batch_size=2, learning_rate=1e-3, seed=seed)
         history = train(lora, shapes, config, progress=False)
         weights = [p.detach().clone() for p in lora.model.parameters() if p.requires_grad]
@@ -138,9 +143,7 @@ def test_the_same_seed_gives_the_same_lora_run(tiny_model_dir, shapes):
     assert lora_run(2)[0] != losses
 
 
-def test_resume_after_an_interruption_gives_the_same_run(
-    tiny_model_dir, shapes, tmp_path, monkeypatch
-):
+def test_resume_after_an_interruption_gives_the_same_run(load_tiny, shapes, tmp_path, monkeypatch):
     import florence_helpers.finetune as finetune
 
     config = TrainingConfig(
@@ -150,12 +153,12 @@ def test_resume_after_an_interruption_gives_the_same_run(
         checkpoint_every=1,
         checkpoint_dir=tmp_path / "run",
     )
-    straight = load_model(tiny_model_dir, device="cpu")
+    straight = load_tiny()
     expected = train(
         straight, shapes, dataclasses.replace(config, checkpoint_dir=None), progress=False
     )
 
-    interrupted = load_model(tiny_model_dir, device="cpu")
+    interrupted = load_tiny()
     forward, calls = finetune._forward, []
 
     def stop_at_the_fourth_batch(model, inputs, **kwargs):
@@ -171,7 +174,7 @@ def test_resume_after_an_interruption_gives_the_same_run(
     # A crash while writing the next checkpoint leaves a partial file; it is never read.
     (tmp_path / "run" / "checkpoint.pt.partial").write_bytes(b"half a checkpoint")
 
-    resumed = load_model(tiny_model_dir, device="cpu")
+    resumed = load_tiny()
     history = train(resumed, shapes, config, progress=False)
     assert history.losses == pytest.approx(expected.losses, rel=1e-6)
     for (name, a), b in zip(
@@ -180,19 +183,19 @@ def test_resume_after_an_interruption_gives_the_same_run(
         assert torch.allclose(a, b, atol=1e-6), name
 
 
-def test_a_checkpoint_from_another_model_is_refused(tiny_model_dir, shapes, tmp_path):
+def test_a_checkpoint_from_another_model_is_refused(load_tiny, shapes, tmp_path):
     config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path)
-    train(load_model(tiny_model_dir, device="cpu"), shapes, config, progress=False)
-    lora = add_lora(load_model(tiny_model_dir, device="cpu"))
+    train(load_tiny(), shapes, config, progress=False)
+    lora = add_lora(load_tiny())
     with pytest.raises(ValueError, match="different model, adapter or data set"):
         train(lora, shapes, config, progress=False)
 
 
-def test_training_refuses_what_it_cannot_do(tiny_model_dir, shapes):
-    half = load_model(tiny_model_dir, device="cpu", dtype="bf16")
+def test_training_refuses_what_it_cannot_do(load_tiny, shapes):
+    half = load_tiny(dtype="bf16")
     with pytest.raises(ValueError, match="dtype='float32'"):
         train(half, shapes, TrainingConfig(epochs=1), progress=False)
-    florence = load_model(tiny_model_dir, device="cpu")
+    florence = load_tiny()
     with pytest.raises(ValueError, match="needs freeze_vision=True"):
         train(florence, shapes, TrainingConfig(freeze_vision=False, cache_image_features=True))
     with pytest.raises(ValueError, match="No training samples"):
@@ -221,11 +224,11 @@ def torch_threads():
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_fine_tuning_reproduces_the_training_annotations(
-    tiny_model_dir, shapes_by_seed, torch_threads, method, seed, threads
+    load_tiny, shapes_by_seed, torch_threads, method, seed, threads
 ):
     torch_threads(threads)
     samples = shapes_by_seed[seed]
-    florence = load_model(tiny_model_dir, device="cpu")
+    florence = load_tiny()
     if method == "lora":
         florence = add_lora(florence, **LORA, seed=seed)
         trainable, total = trainable_parameters(florence.model)
@@ -242,24 +245,24 @@ def test_fine_tuning_reproduces_the_training_annotations(
     assert not after.constant_scores
 
 
-def test_adapter_save_reload_and_merge_answer_alike(tiny_model_dir, shapes, tmp_path):
-    lora = add_lora(load_model(tiny_model_dir, device="cpu"))
+def test_adapter_save_reload_and_merge_answer_alike(load_tiny, device, shapes, tmp_path):
+    lora = add_lora(load_tiny())
     with torch.no_grad():  # a non-trivial adapter without spending time training one
         for name, parameter in lora.model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(0))
     batch = collate(lora.processor, shapes.samples[:2])
     expected = _loss(lora.model, batch)
-    assert expected != pytest.approx(_loss(load_model(tiny_model_dir, device="cpu").model, batch))
+    assert expected != pytest.approx(_loss(load_tiny().model, batch))
 
     save_adapter(lora, tmp_path / "adapter")
-    reloaded = load_adapter(load_model(tiny_model_dir, device="cpu"), tmp_path / "adapter")
+    reloaded = load_adapter(load_tiny(), tmp_path / "adapter")
     assert _loss(reloaded.model, batch) == pytest.approx(expected, rel=1e-6)
 
     merged = merge_adapter(reloaded)
     assert _loss(merged.model, batch) == pytest.approx(expected, rel=1e-4)
     save_model(merged, tmp_path / "merged")
-    again = load_model(tmp_path / "merged", device="cpu")
+    again = load_model(tmp_path / "merged", device=device)
     assert _loss(again.model, batch) == pytest.approx(expected, rel=1e-4)
 
 
