@@ -50,11 +50,14 @@ def token_logprobs(model: Any, outputs: Any) -> torch.Tensor:
     """Log-probability of each generated token, shape ``(rows, steps)``.
 
     Column ``j`` belongs to ``outputs.sequences[:, j + 1]`` (position 0 is the decoder start
-    token). Needs ``generate(..., return_dict_in_generate=True, output_logits=True)``.
+    token). Needs ``generate(..., return_dict_in_generate=True, output_logits=True)``. The
+    softmax runs in float32 whatever the model's dtype (transformers 5 already hands the
+    logits over in float32; ``.float()`` keeps it so): in bf16 it would round a probability of
+    0.99 to 1.0 and lose the differences between confident answers.
     """
     return model.compute_transition_scores(
         outputs.sequences,
-        outputs.logits,
+        tuple(step.float() for step in outputs.logits),
         getattr(outputs, "beam_indices", None),
         normalize_logits=True,
     )

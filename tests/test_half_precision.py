@@ -126,3 +126,24 @@ def test_explicit_fp16_on_mps_warns():
         warnings.simplefilter("error")
         assert resolve_dtype("auto", mps) == torch.float32
         assert resolve_dtype(torch.float16, torch.device("cpu")) == torch.float16
+
+
+def test_token_probabilities_are_computed_in_float32(half, picture):
+    from florence_helpers.scores import token_logprobs
+
+    inputs = half.processor(text="<OD>", images=picture, return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(half.dtype)
+    with torch.inference_mode():
+        outputs = half.model.generate(
+            **inputs,
+            max_new_tokens=6,
+            num_beams=3,
+            return_dict_in_generate=True,
+            output_logits=True,
+            do_sample=False,
+        )
+    logprobs = token_logprobs(half.model, outputs)
+    assert logprobs.dtype == torch.float32
+    first = torch.log_softmax(outputs.logits[0].float(), dim=-1)
+    chosen = first[outputs.beam_indices[:, 0], outputs.sequences[:, 1]]
+    torch.testing.assert_close(logprobs[:, 0], chosen)
