@@ -391,7 +391,24 @@ class _Checkpoint:
         """Steps done and history so far: from the checkpoint if there is one to resume."""
         if self.path is None or not resume or not self.path.is_file():
             return 0, TrainingHistory()
-        return _load_checkpoint(self.path, model, optimizer, scheduler, scaler, self.num_samples)
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        found = {n: tuple(t.shape) for n, t in state["weights"].items()}
+        if expected != found or state["num_samples"] != self.num_samples:
+            raise ValueError(
+                f"The checkpoint {self.path} was written for a different model, adapter or "
+                "data set (its trainable weights or sample count differ). Use another "
+                "checkpoint_dir, or pass resume=False to start over."
+            )
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state["weights"].items():
+                parameters[name].copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        return int(state["step"]), TrainingHistory(**state["history"])
 
     def save(
         self,
@@ -402,10 +419,28 @@ class _Checkpoint:
         step: int,
         history: TrainingHistory,
     ) -> None:
-        if self.path is not None:
-            _save_checkpoint(
-                self.path, model, optimizer, scheduler, scaler, step, history, self.num_samples
-            )
+        """Write to a temporary file, then rename it: a crash leaves the previous checkpoint."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "step": step,
+            "num_samples": self.num_samples,
+            "weights": {
+                n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad
+            },
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "history": dataclasses.asdict(history),
+            "rng": torch.get_rng_state(),
+        }
+        partial = self.path.with_name(self.path.name + ".partial")
+        with partial.open("wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, self.path)
 
 
 def _epoch_plan(
@@ -496,65 +531,3 @@ def _forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
     image = base_model(model).model.multi_modal_projector(inputs.pop("image_features"))
     embeds = embed_prompts(model, inputs.pop("input_ids"), image)
     return model(inputs_embeds=embeds, **inputs, **kwargs)
-
-
-def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(
-    path: Path,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    step: int,
-    history: TrainingHistory,
-    num_samples: int,
-) -> None:
-    """Write the checkpoint to a temporary file, then rename it: a crash leaves the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "num_samples": num_samples,
-        "weights": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "history": dataclasses.asdict(history),
-        "rng": torch.get_rng_state(),
-    }
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
-def _load_checkpoint(
-    path: Path,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    scaler: Any,
-    num_samples: int,
-) -> tuple[int, TrainingHistory]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    found = {n: tuple(t.shape) for n, t in state["weights"].items()}
-    if expected != found or state["num_samples"] != num_samples:
-        raise ValueError(
-            f"The checkpoint {path} was written for a different model, adapter or data set "
-            "(its trainable weights or sample count differ). Use another checkpoint_dir, "
-            "or pass resume=False to start over."
-        )
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, tensor in state["weights"].items():
-            parameters[name].copy_(tensor)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    return int(state["step"]), TrainingHistory(**state["history"])
