@@ -33,7 +33,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .images import load_image
-from .model import FlorenceModel, base_model, cuda_half_dtype, embed_prompts, vision_tower
+from .model import (
+    FlorenceModel,
+    base_model,
+    cpu_has_native_bf16,
+    cuda_half_dtype,
+    embed_prompts,
+    vision_tower,
+)
 from .prefetch import prefetched
 from .training_data import TrainingSample
 
@@ -61,8 +68,10 @@ class TrainingConfig:
             large (on the model's device).
         mixed_precision: Autocast the forward pass to half precision while the trainable
             weights stay float32: bf16 (or fp16 with loss scaling where the GPU lacks bf16) on
-            CUDA, bf16 on CPU. ``None``: on CUDA only; ``True`` also on CPU, where it pays
-            only on processors with native bf16 (AVX512-BF16 or AMX).
+            CUDA, bf16 on CPU. ``None``: where it is fast (CUDA, and CPUs with native bf16,
+            see :func:`~florence_helpers.model.cpu_has_native_bf16`); ``True``: on any CPU
+            too (slow without native bf16); ``False``: never (full float32, as on a CPU
+            without native bf16).
         seed: Seed for the shuffling and dropout; the same seed gives the same run.
         checkpoint_dir: Where to write ``checkpoint.pt`` (atomically) to resume from.
         checkpoint_every: Also write it every this many optimizer steps (0: at epoch ends only).
@@ -468,7 +477,7 @@ def _autocast_dtype(mixed_precision: bool | None, device: torch.device) -> torch
         return None
     if device.type == "cuda":
         return cuda_half_dtype()
-    if device.type == "cpu" and mixed_precision:
+    if device.type == "cpu" and (mixed_precision or cpu_has_native_bf16()):
         return torch.bfloat16
     return None
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from florence_helpers import BoxesResult, PolygonsResult, TextResult, load_model, run
 from florence_helpers.adapters import add_lora
+from florence_helpers import finetune
 from florence_helpers.finetune import TrainingConfig, train
 from florence_helpers.inference import run_tasks
 from florence_helpers.model import resolve_dtype
@@ -112,10 +113,41 @@ def test_training_autocasts_to_bf16_and_keeps_float32_weights(tiny_model_dir, tm
     assert all(np.isfinite(history.losses))
     trainable = [p for p in lora.model.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    # The default keeps CPU training in float32.
+    # The default autocasts where the processor has native bf16, and only there.
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(finetune, "cpu_has_native_bf16", lambda native=native: native)
+            autocast_seen.clear()
+            train(lora, samples, TrainingConfig(epochs=1, batch_size=2), progress=False)
+        assert autocast_seen == [expected]
+    # mixed_precision=False keeps float32 on any processor.
     autocast_seen.clear()
-    train(lora, samples, TrainingConfig(epochs=1, batch_size=2), progress=False)
+    train(
+        lora, samples, TrainingConfig(epochs=1, batch_size=2, mixed_precision=False), progress=False
+    )
     assert autocast_seen == [None]
+
+
+def test_lora_trains_on_a_bf16_model(tiny_model_dir, tmp_path):
+    # What load_model() gives on a CPU with native bf16: the frozen weights stay bf16, the
+    # adapter's are float32, and a few autocast steps move them.
+    samples = read_coco(make_shapes_dataset(tmp_path, num_images=2, seed=0))
+    lora = add_lora(load_model(tiny_model_dir, device="cpu", dtype="bf16"))
+    trainable = {n: p for n, p in lora.model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    config = TrainingConfig(epochs=3, batch_size=2, learning_rate=1e-3, mixed_precision=True)
+    history = train(lora, samples, config, progress=False)
+    assert all(np.isfinite(history.losses))
+    assert any(not torch.equal(before[n], p) for n, p in trainable.items())
+    assert next(lora.model.get_base_model().parameters()).dtype == torch.bfloat16
+
+
+def test_full_fine_tuning_of_a_bf16_model_says_how_to_load_it(tiny_model_dir, tmp_path):
+    samples = read_coco(make_shapes_dataset(tmp_path, num_images=2, seed=0))
+    model = load_model(tiny_model_dir, device="cpu", dtype="bf16")
+    with pytest.raises(ValueError, match="dtype='float32'"):
+        train(model, samples, TrainingConfig(epochs=1), progress=False)
 
 
 def test_explicit_fp16_on_mps_warns():

@@ -34,11 +34,43 @@ def test_env_var_is_used_by_load_model(monkeypatch, tiny_model_dir):
     assert load_model(device="cpu").model_id == str(tiny_model_dir)
 
 
+def _pretend_cpu(monkeypatch, *, avx512_bf16: bool, amx: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [
+        (True, False, torch.bfloat16),  # AMD Zen 4 and later, Intel Cooper Lake
+        (False, True, torch.bfloat16),  # Intel Sapphire Rapids and later
+        (False, False, torch.float32),  # most laptops, Colab's CPU runtime
+    ],
+)
+def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    _pretend_cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    # An explicit choice is never overridden.
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("mps")) == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_load_model_logs_its_dtype_choice(monkeypatch, caplog, tiny_model_dir, native):
+    _pretend_cpu(monkeypatch, avx512_bf16=native, amx=False)
+    with caplog.at_level("INFO", logger="florence_helpers.model"):
+        florence = load_model(tiny_model_dir, device="cpu")
+    assert florence.dtype == (torch.bfloat16 if native else torch.float32)
+    assert f"dtype={florence.dtype}" in repr(florence)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "florence_helpers.model"]
+    assert str(florence.dtype) in line
+    assert ("natively" in line) == native
+
+
 def test_device_and_dtype_choice():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         assert resolve_device("auto").type in ("cpu", "mps")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("mps")) == torch.float32
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     assert resolve_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
@@ -53,7 +85,7 @@ def test_dtype_argument_is_applied(tiny_model_dir):
 def test_compile_mode_uses_a_static_cache_and_gives_the_same_answers(tiny_model_dir, florence):
     from florence_helpers import run
 
-    static = load_model(tiny_model_dir, device="cpu", compile=True)
+    static = load_model(tiny_model_dir, device="cpu", dtype="float32", compile=True)
     assert static.model.generation_config.cache_implementation == "static"
     image = Path(__file__).resolve().parents[1] / "images" / "astronaut.jpg"
     for beams in (1, 3):
