@@ -14,9 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from florence_helpers import BoxesResult, PolygonsResult, TextResult, load_model, run
+from florence_helpers import BoxesResult, PolygonsResult, TextResult, finetune, load_model, run
 from florence_helpers.adapters import add_lora
-from florence_helpers import finetune
 from florence_helpers.finetune import TrainingConfig, train
 from florence_helpers.inference import run_tasks
 from florence_helpers.model import resolve_dtype
