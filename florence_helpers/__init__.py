@@ -24,6 +24,7 @@ from .conversions import (
     to_masks,
     to_supervision,
 )
+from .detection import detect
 from .evaluation import DetectionEvaluation, evaluate_detections
 from .images import ImageLoadError, load_image
 from .inference import run, run_tasks
@@ -58,6 +59,7 @@ from .regions import (
 from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
 from .scores import filter_by_score, sort_by_score, top_k
 from .tasks import TASKS, InputKind, ResultKind, Task, TaskSpec, UnknownTaskError, task_spec
+from .tiling import tiled_ocr
 
 __all__ = [
     "CHECKPOINTS",
@@ -85,6 +87,7 @@ __all__ = [
     "coco_categories",
     "cutout",
     "dequantize",
+    "detect",
     "evaluate_detections",
     "filter_by_score",
     "from_coco",
@@ -106,6 +109,7 @@ __all__ = [
     "run_tasks",
     "sort_by_score",
     "task_spec",
+    "tiled_ocr",
     "to_coco",
     "to_lines",
     "to_mask",

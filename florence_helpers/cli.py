@@ -2,6 +2,8 @@
 
 python -m florence_helpers IMAGE --task OD [--text ...] [--region X1 Y1 X2 Y2]
                            [--model ID_OR_DIR] [--out annotated.png] [--json]
+python -m florence_helpers IMAGE --classes car,person,"traffic light"
+python -m florence_helpers label FOLDER --task OD --out labels.jsonl
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .detection import check_classes
 from .images import ImageLoadError, load_image
 from .model import (
     DEFAULT_MODEL_ID,
@@ -23,7 +26,7 @@ from .model import (
 )
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError
-from .tasks import TASKS, UnknownTaskError, task_spec
+from .tasks import TASKS, Task, TaskSpec, UnknownTaskError, task_spec
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_MODEL = 3
@@ -38,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("image", help="image path or http(s) URL")
-    parser.add_argument("--task", default="CAPTION", help="task name, e.g. OD or '<OD>'")
+    parser.add_argument(
+        "--task",
+        help="task name, e.g. OD or '<OD>' (default: CAPTION; with --classes: "
+        "OPEN_VOCABULARY_DETECTION)",
+    )
     parser.add_argument("--text", help="text for grounding, open-vocabulary detection, etc.")
+    _add_classes(parser)
     parser.add_argument(
         "--region",
         nargs=4,
@@ -79,10 +87,13 @@ def _label_parser() -> argparse.ArgumentParser:
         "the same --out to resume after an interruption: done images are skipped.",
     )
     parser.add_argument("folder", help="folder of images (searched recursively)")
-    parser.add_argument("--task", required=True, help="task name, e.g. OD or DETAILED_CAPTION")
+    parser.add_argument(
+        "--task", help="task name, e.g. OD or DETAILED_CAPTION (needed unless --classes)"
+    )
     parser.add_argument("--out", required=True, help="JSON-lines file to append to")
     parser.add_argument("--text", help="text for the tasks that take text")
     parser.add_argument("--region", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
+    _add_classes(parser)
     parser.add_argument("--model", help="hub id or local directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -91,6 +102,33 @@ def _label_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scores", action="store_true", help="attach confidences")
     parser.add_argument("--coco", help="also write the boxes as a COCO JSON file here")
     return parser
+
+
+def _add_classes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classes",
+        type=lambda value: [name for name in value.split(",") if name.strip()],
+        help="comma-separated class names to detect, e.g. car,person (one open-vocabulary "
+        "detection per class, boxes labelled with these names)",
+    )
+
+
+def _task_and_classes(args: argparse.Namespace, default: str | None) -> TaskSpec:
+    """The task to run; with --classes, open-vocabulary detection (a clash is an error)."""
+    if args.classes is None:
+        if args.task is None and default is None:
+            raise TaskInputError("Give --task (e.g. --task OD) or --classes.")
+        return task_spec(args.task or default)
+    spec = task_spec(args.task or "OPEN_VOCABULARY_DETECTION")
+    if spec.task is not Task.OPEN_VOCABULARY_DETECTION:
+        raise TaskInputError(
+            f"--classes runs open-vocabulary detection per class; it does not go with --task "
+            f"{spec.name}."
+        )
+    if args.text is not None or args.region is not None:
+        raise TaskInputError("--classes takes the place of --text and --region: give only it.")
+    check_classes(args.classes)
+    return spec
 
 
 def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
@@ -109,10 +147,11 @@ def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
     try:
-        spec = task_spec(args.task)
+        spec = _task_and_classes(args, default=None)
         if not Path(args.folder).is_dir():
             raise ImageLoadError(f"Not a folder: {args.folder}")
-        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
+        if args.classes is None:
+            build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
     except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -128,6 +167,7 @@ def label_main(argv: Sequence[str]) -> int:
         args.out,
         text=args.text,
         region=args.region,
+        classes=args.classes,
         batch_size=args.batch_size,
         num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens,
@@ -151,9 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked without the model is checked first.
-        spec = task_spec(args.task)
+        spec = _task_and_classes(args, default="CAPTION")
         image = load_image(args.image)
-        build_prompt(spec, image.size, text=args.text, region=args.region)
+        if args.classes is None:
+            build_prompt(spec, image.size, text=args.text, region=args.region)
     except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -162,19 +203,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if florence is None:
         return EXIT_NO_MODEL
 
+    from .detection import detect
     from .inference import run
     from .plotting import annotate
 
-    result = run(
-        florence,
-        image,
-        spec,
-        text=args.text,
-        region=args.region,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        scores=args.scores,
-    )
+    settings = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "scores": args.scores,
+    }
+    if args.classes is not None:
+        result = detect(florence, image, args.classes, **settings)
+    else:
+        result = run(florence, image, spec, text=args.text, region=args.region, **settings)
     payload = result.to_dict()
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))

@@ -12,6 +12,7 @@ on; only a mistake in the job's settings (a task that needs text and got none) s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,6 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .detection import check_classes, detect
 from .images import ImageLoadError, load_image
 from .inference import run
 from .model import FlorenceModel
@@ -57,6 +59,7 @@ def label_batch(
     *,
     text: str | None = None,
     region: Region | None = None,
+    classes: Sequence[str] | None = None,
     loaded: Sequence[Any] | None = None,
     **run_kwargs: Any,
 ) -> list[dict[str, Any]]:
@@ -65,9 +68,11 @@ def label_batch(
     A record is ``{"image", "width", "height", "task", "result", "error"}``: ``result`` is the
     parsed result (:meth:`Result.to_dict` without the size and task it repeats), ``error``
     None; or ``result`` None and ``error`` the reason. ``loaded`` may hold the images already
-    read by :func:`read_images`.
+    read by :func:`read_images`. ``classes`` runs :func:`~florence_helpers.detect` instead
+    (the task must then be ``OPEN_VOCABULARY_DETECTION``).
     """
     spec = task_spec(task)
+    infer = _inference(florence, spec, text, region, classes)
     loaded = read_images(sources) if loaded is None else loaded
     records: list[dict[str, Any] | None] = [None] * len(sources)
     good, images = [], []
@@ -82,14 +87,14 @@ def label_batch(
 
         def one(image: Any) -> Any:
             try:
-                return run(florence, image, spec, text=text, region=region, **run_kwargs)
+                return infer(image, **run_kwargs)
             except _SETTINGS_ERRORS:
                 raise
             except Exception as error:  # noqa: BLE001 - recorded for this image, the job goes on
                 return error
 
         try:
-            results = run(florence, images, spec, text=text, region=region, **run_kwargs)
+            results = infer(images, **run_kwargs)
         except _SETTINGS_ERRORS:
             raise
         except Exception:  # noqa: BLE001
@@ -104,6 +109,29 @@ def label_batch(
             else:
                 records[index] = _record(sources[index], spec, size=image.size, result=result)
     return records  # type: ignore[return-value]
+
+
+def _inference(
+    florence: FlorenceModel,
+    spec: TaskSpec,
+    text: str | None,
+    region: Region | None,
+    classes: Sequence[str] | None,
+) -> Any:
+    """``run`` with the job's task and inputs, or ``detect`` with its classes."""
+    if classes is None:
+        return functools.partial(run, florence, task=spec, text=text, region=region)
+    if spec.task is not Task.OPEN_VOCABULARY_DETECTION or text is not None or region is not None:
+        raise TaskInputError(
+            "classes= detects each class by open-vocabulary detection: use the task "
+            "OPEN_VOCABULARY_DETECTION, with no text or region."
+        )
+    names = check_classes(classes)
+
+    def detect_classes(images: Any, batch_size: int = 1, **kwargs: Any) -> Any:
+        return detect(florence, images, names, **kwargs)
+
+    return detect_classes
 
 
 # Errors in the job's own settings (a task that needs text and got none): every image would
@@ -219,6 +247,7 @@ def label(
     *,
     text: str | None = None,
     region: Region | None = None,
+    classes: Sequence[str] | None = None,
     batch_size: int = 8,
     progress: bool = True,
     **run_kwargs: Any,
@@ -231,6 +260,8 @@ def label(
         task: The task to run on every image.
         output: The JSONL file; appended to, and read first to skip images already done.
         text, region: The task's extra input, the same for every image.
+        classes: Class names to detect in every image with :func:`~florence_helpers.detect`
+            (task ``OPEN_VOCABULARY_DETECTION``); boxes are labelled with these names.
         batch_size: Images per ``generate`` call.
         progress: Show a progress bar with images/s and the time left.
         **run_kwargs: Passed to :func:`run` (``num_beams``, ``max_new_tokens``, ``scores``).
@@ -242,6 +273,7 @@ def label(
         >>> label(florence, "images", "DETAILED_CAPTION", "captions.jsonl")  # doctest: +SKIP
     """
     spec = task_spec(task)
+    _inference(florence, spec, text, region, classes)  # a settings mistake stops it here
     if isinstance(sources, (str, os.PathLike)) and Path(sources).is_dir():
         paths = find_images(sources)
     elif isinstance(sources, (str, os.PathLike)):
@@ -256,7 +288,8 @@ def label(
     written = errors = 0
     bar = tqdm(total=len(todo), desc=spec.name, unit="img", disable=not progress)
     with out.open("a", encoding="utf-8") as handle, bar:
-        for records in _labelled_batches(florence, batches, spec, text, region, run_kwargs):
+        inputs = {"text": text, "region": region, "classes": classes}
+        for records in _labelled_batches(florence, batches, spec, inputs, run_kwargs):
             # One write per batch, then flush to disk: a kill loses at most this batch.
             handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             handle.flush()
@@ -271,15 +304,12 @@ def _labelled_batches(
     florence: FlorenceModel,
     batches: list[list[str]],
     spec: TaskSpec,
-    text: str | None,
-    region: Region | None,
+    inputs: dict[str, Any],
     run_kwargs: dict[str, Any],
 ) -> Iterator[list[dict[str, Any]]]:
     """Label batches in order, reading the next batch's files on a thread meanwhile."""
     for paths, loaded in zip(batches, prefetched(read_images, batches), strict=True):
-        yield label_batch(
-            florence, paths, spec, text=text, region=region, loaded=loaded, **run_kwargs
-        )
+        yield label_batch(florence, paths, spec, loaded=loaded, **inputs, **run_kwargs)
 
 
 def export_coco(

@@ -88,3 +88,28 @@ def test_no_reachable_model_exits_3_with_the_clear_error(tmp_path):
     assert "FLORENCE_MODEL" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_classes_flag_detects_each_class(tiny_env):
+    done = cli(str(SAMPLE), "--classes", "car, person", "--max-new-tokens", "20", env=tiny_env)
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout)
+    assert payload["task"] == "<OPEN_VOCABULARY_DETECTION>"
+    assert set(payload["labels"]) <= {"car", "person"}
+    assert len(payload["boxes"]) == len(payload["labels"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([str(SAMPLE), "--classes", "car", "--task", "OD"], "does not go with --task OD"),
+        ([str(SAMPLE), "--classes", " , "], "classes is empty"),
+        ([str(SAMPLE), "--classes", "car", "--text", "a car"], "takes the place of --text"),
+        (["label", str(REPO / "images"), "--out", "x.jsonl"], "Give --task"),
+    ],
+)
+def test_bad_classes_exit_2_with_the_reason(args, message):
+    done = cli(*args)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr

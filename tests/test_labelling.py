@@ -112,6 +112,37 @@ def test_a_mistake_in_the_settings_stops_the_job(florence, folder, tmp_path):
     assert lines(tmp_path / "x.jsonl") == []
 
 
+def test_classes_label_every_image_with_the_given_names(florence, folder, tmp_path):
+    answers = [
+        "car<loc_10><loc_10><loc_500><loc_500>",
+        "person<loc_600><loc_100><loc_900><loc_990>",
+    ]
+    out = tmp_path / "classes.jsonl"
+    summary = label(
+        florence,
+        folder,
+        "OPEN_VOCABULARY_DETECTION",
+        out,
+        classes=["car", "person"],
+        num_beams=1,
+        progress=False,
+        logits_processor=force_answers(florence.processor, answers),
+    )
+    assert (summary.written, summary.errors) == (5, 1)
+    results = [r for r in read_labels(out, as_results=True) if r["error"] is None]
+    assert len(results) == 4
+    for record in results:
+        assert record["result"].labels == ["car", "person"]
+        assert record["result"].boxes.shape == (2, 4)
+
+
+def test_classes_need_open_vocabulary_detection(florence, folder, tmp_path):
+    with pytest.raises(TaskInputError, match="OPEN_VOCABULARY_DETECTION"):
+        label(florence, folder, "OD", tmp_path / "x.jsonl", classes=["car"], progress=False)
+    with pytest.raises(TaskInputError, match="empty"):
+        label(florence, folder, "OPEN_VOCABULARY_DETECTION", tmp_path / "x.jsonl", classes=[])
+
+
 def test_running_again_skips_done_images_and_repairs_a_cut_line(florence, folder, tmp_path):
     out = tmp_path / "labels.jsonl"
     paths = find_images(folder)

@@ -1,0 +1,165 @@
+"""tiled_ocr(): every word of a large page once, in page pixels, through the real generate().
+
+The tiny model reads nothing, so each tile's answer is forced: what Florence-2 would write for
+that crop, in its OCR_WITH_REGION grammar (text, then the quad's eight location tokens). A word
+cut by the tile's border is written as the fragment the crop shows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from florence_helpers import OCRResult, TaskInputError, TextResult, run, tiled_ocr, to_lines
+from florence_helpers.regions import quantize
+from florence_helpers.testing import force_answers
+from florence_helpers.tiling import merge_tiles, page_tiles, tile_side
+
+PAGE = (640, 400)  # the tiny model's input is 128 pixels: tiles of 192 by default
+WORDS = ["alpha", "bravo", "delta", "gamma", "kilo", "lima", "mike", "oscar", "papa", "romeo"]
+
+
+def page_words() -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Words on a grid of lines; the spacing puts several of them across tile borders."""
+    words, index = [], 0
+    for top in range(20, PAGE[1] - 30, 37):
+        for left in range(12, PAGE[0] - 45, 53):
+            name = f"{WORDS[index % len(WORDS)]}{index}"
+            words.append((name, (left, top, left + 40, top + 12)))
+            index += 1
+    return words
+
+
+def tile_answer(tile, words) -> tuple[str, int]:
+    """The answer for one crop, and how many cut fragments it holds."""
+    x1, y1, x2, y2 = tile
+    size = (x2 - x1, y2 - y1)
+    parts, fragments = [], 0
+    for name, (left, top, right, bottom) in words:
+        visible = (max(left, x1), max(top, y1), min(right, x2), min(bottom, y2))
+        if visible[2] - visible[0] < 4 or visible[3] - visible[1] < 6:
+            continue  # nothing readable of it in this crop
+        text = name
+        if visible != (left, top, right, bottom):  # cut by the border: a fragment
+            share = (visible[2] - visible[0]) / (right - left)
+            text = name[: max(1, int(len(name) * share))]
+            fragments += 1
+        a, b, c, d = (v - o for v, o in zip(visible, (x1, y1, x1, y1), strict=True))
+        corners = quantize([[a, b], [c, b], [c, d], [a, d]], size)
+        parts.append(text + "".join(f"<loc_{v}>" for v in corners.ravel()))
+    return "".join(parts), fragments
+
+
+@pytest.fixture
+def page() -> Image.Image:
+    return Image.fromarray(np.full((PAGE[1], PAGE[0], 3), 255, dtype=np.uint8))
+
+
+def forced_tiles(florence, side: int, overlap: int):
+    words = page_words()
+    tiles = page_tiles(PAGE, side, overlap)
+    answers = [tile_answer(tile, words) for tile in tiles]
+    forced = force_answers(florence.processor, [text for text, _ in answers])
+    return words, tiles, forced, sum(cut for _, cut in answers)
+
+
+def test_every_word_comes_back_once_in_page_pixels(florence, page):
+    words, tiles, forced, fragments = forced_tiles(florence, 192, 48)
+    assert len(tiles) == 15 and fragments > 10  # the layout does cut words
+    result = tiled_ocr(florence, page, batch_size=len(tiles), num_beams=1, logits_processor=forced)
+    assert isinstance(result, OCRResult)
+    assert sorted(result.texts) == sorted(name for name, _ in words)
+    expected = dict(words)
+    for text, quad in zip(result.texts, result.quads, strict=True):
+        box = [*quad.min(axis=0), *quad.max(axis=0)]
+        # Location bins of a 192-pixel tile are 0.19 pixels wide; the bin centre is truncated.
+        np.testing.assert_allclose(box, expected[text], atol=1.0)
+    # Reading order: lines top to bottom, words left to right.
+    assert result.texts == [name for name, _ in sorted(words, key=lambda w: (w[1][1], w[1][0]))]
+
+
+def test_plain_ocr_gives_the_page_text_line_by_line(florence, page):
+    words, tiles, forced, _ = forced_tiles(florence, 192, 48)
+    text = tiled_ocr(
+        florence, page, "OCR", batch_size=len(tiles), num_beams=1, logits_processor=forced
+    )
+    assert isinstance(text, TextResult)
+    lines = text.text.split("\n")
+    assert len(lines) == len({box[1] for _, box in words})
+    assert lines[0].split() == [name for name, box in words if box[1] == 20]
+
+
+def test_a_page_within_one_tile_gives_the_plain_answer(florence):
+    small = Image.new("RGB", (180, 150), "white")
+    answer = "hello<loc_10><loc_10><loc_200><loc_10><loc_200><loc_90><loc_10><loc_90>"
+    tiled = tiled_ocr(
+        florence, small, num_beams=1, logits_processor=force_answers(florence.processor, answer)
+    )
+    plain = run(
+        florence,
+        small,
+        "OCR_WITH_REGION",
+        num_beams=1,
+        logits_processor=force_answers(florence.processor, answer),
+    )
+    assert tiled.texts == plain.texts == ["hello"]
+    np.testing.assert_array_equal(tiled.quads, plain.quads)
+
+
+def test_a_line_across_a_border_is_stitched_once():
+    # Two tiles side by side, overlapping on x 100..200; the line runs from x 20 to 290.
+    tiles = [(0, 0, 200, 100), (100, 0, 300, 100)]
+
+    def result(text, box, tile):
+        x1, y1, x2, y2 = (v - o for v, o in zip(box, (tile[0], 0, tile[0], 0), strict=True))
+        quad = np.array([[[x1, y1], [x2, y1], [x2, y2], [x1, y2]]], dtype=np.float32)
+        return OCRResult("OCR_WITH_REGION", (200, 100), raw="", quads=quad, texts=[text])
+
+    left = result("the quick brown", (20, 40, 200, 52), tiles[0])
+    right = result("brown fox jumps", (100, 40, 290, 52), tiles[1])
+    merged = merge_tiles([left, right], tiles, (300, 100))
+    assert merged.texts == ["the quick brown fox jumps"]
+    assert to_lines(merged) == ["the quick brown fox jumps"]
+    np.testing.assert_array_equal(merged.quads[0].min(axis=0), [20, 40])
+    np.testing.assert_array_equal(merged.quads[0].max(axis=0), [290, 52])
+    # Pieces whose words do not meet are both kept: nothing is dropped on a guess.
+    other = result("fax jumps", (100, 40, 290, 52), tiles[1])
+    assert merge_tiles([left, other], tiles, (300, 100)).texts == ["the quick brown", "fax jumps"]
+
+
+def test_tile_arithmetic():
+    assert page_tiles((2000, 700), 1000, 250) == [
+        (0, 0, 1000, 700),
+        (500, 0, 1500, 700),
+        (1000, 0, 2000, 700),
+    ]
+    for side, overlap in ((192, 48), (256, 0), (300, 149)):
+        tiles = page_tiles(PAGE, side, overlap)
+        covered = np.zeros(PAGE[::-1], dtype=bool)
+        for x1, y1, x2, y2 in tiles:
+            covered[y1:y2, x1:x2] = True
+            assert x2 - x1 == min(side, PAGE[0]) and y2 - y1 == min(side, PAGE[1])
+        assert covered.all()
+        starts = sorted({x1 for x1, _, _, _ in tiles})
+        assert all(b - a <= side - overlap for a, b in zip(starts, starts[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"tile_size": 100}, "below the model's input size"),
+        ({"tile_size": 700}, "larger than the image"),
+        ({"tile_size": 200, "overlap": 100}, "under half the tile"),
+        ({"task": "OD"}, "use OCR or OCR_WITH_REGION"),
+    ],
+)
+def test_bad_tiling_settings_get_clear_errors(florence, page, kwargs, message):
+    with pytest.raises(TaskInputError, match=message):
+        tiled_ocr(florence, page, **kwargs)
+
+
+def test_auto_tile_size_follows_the_model_input(florence):
+    assert tile_side(florence, (640, 400), None) == 192  # 1.5 x the tiny model's 128
+    assert tile_side(florence, (190, 150), None) is None
+    assert tile_side(florence, (640, 400), 256) == 256
