@@ -58,7 +58,16 @@ from .regions import (
 )
 from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
 from .scores import filter_by_score, sort_by_score, top_k
-from .tasks import TASKS, InputKind, ResultKind, Task, TaskSpec, UnknownTaskError, task_spec
+from .tasks import (
+    TASKS,
+    InputKind,
+    ResultKind,
+    Task,
+    TaskSpec,
+    UnknownTaskError,
+    custom_task,
+    task_spec,
+)
 from .tiling import tiled_ocr
 
 __all__ = [
@@ -85,6 +94,7 @@ __all__ = [
     "box_to_loc_tokens",
     "build_prompt",
     "coco_categories",
+    "custom_task",
     "cutout",
     "dequantize",
     "detect",

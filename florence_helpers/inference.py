@@ -17,14 +17,14 @@ from .prefetch import prefetched
 from .prompts import Region, TaskInputError, build_prompt
 from .results import AnyResult, parse_answer
 from .scores import attach_scores, scored_ids
-from .tasks import AnswerSize, Task, TaskSpec, task_spec
+from .tasks import AnswerSize, ResultKind, Task, TaskSpec, custom_task, task_spec
 
 
 @overload
 def run(
     florence: FlorenceModel,
     images: ImageSource,
-    task: str | Task | TaskSpec,
+    task: str | Task | TaskSpec | None = None,
     text: str | None = None,
     **kwargs: Any,
 ) -> AnyResult: ...
@@ -34,7 +34,7 @@ def run(
 def run(
     florence: FlorenceModel,
     images: list[ImageSource],
-    task: str | Task | TaskSpec,
+    task: str | Task | TaskSpec | None = None,
     text: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[AnyResult]: ...
@@ -43,9 +43,11 @@ def run(
 def run(
     florence: FlorenceModel,
     images: ImageSource | list[ImageSource],
-    task: str | Task | TaskSpec,
+    task: str | Task | TaskSpec | None = None,
     text: str | Sequence[str] | None = None,
     *,
+    prompt: str | None = None,
+    parse: str | ResultKind = "text",
     region: Region | Sequence[Region] | None = None,
     num_beams: int = 3,
     max_new_tokens: int = 1024,
@@ -63,9 +65,13 @@ def run(
     Args:
         florence: What :func:`load_model` returned.
         images: One image (path, URL, bytes, PIL image, numpy array) or a list of them.
-        task: ``"OD"``, ``"<OD>"`` or :class:`Task`.
+        task: ``"OD"``, ``"<OD>"``, :class:`Task`, or a :func:`custom_task`.
         text: The text for grounding, open-vocabulary detection and referring segmentation;
             one string for all images or one per image.
+        prompt: Instead of ``task``: a prompt of your own, sent as written (e.g.
+            ``"<DocVQA>What is the total?"`` for a checkpoint fine-tuned on it).
+        parse: How to read the answer to ``prompt``: ``"text"``, ``"boxes"``,
+            ``"polygons"`` or ``"ocr"``, with the built-in tasks' grammar.
         region: A pixel box ``(x1, y1, x2, y2)`` for the ``REGION_TO_*`` tasks; one for all
             images or one per image.
         num_beams: Beam search width (3 as in Microsoft's examples; 1 is greedy and faster).
@@ -90,7 +96,7 @@ def run(
         >>> run(florence, "images/astronaut.jpg", "CAPTION").text  # doctest: +SKIP
         'A woman in a space suit holding a flag.'
     """
-    spec = task_spec(task)
+    spec = _chosen_task(task, prompt, parse)
     single = not isinstance(images, (list, tuple))
     sources = [images] if single else list(images)
     texts = _per_image(text, len(sources), "text", is_item=lambda v: isinstance(v, str))
@@ -128,6 +134,20 @@ def run(
                 results[i] = result
             bar.update(len(indices))
     return results[0] if single else results  # type: ignore[return-value]
+
+
+def _chosen_task(
+    task: str | Task | TaskSpec | None, prompt: str | None, parse: str | ResultKind
+) -> TaskSpec:
+    """The task to run: a known or custom one, or a prompt of the caller's own."""
+    if (task is None) == (prompt is None):
+        raise TaskInputError(
+            "Give a task (e.g. 'CAPTION' or a custom_task) or a prompt=..., not "
+            + ("both." if task is not None else "neither.")
+        )
+    if prompt is not None:
+        return custom_task(prompt, result=parse)
+    return task_spec(task)
 
 
 TaskRequest = str | Task | TaskSpec | tuple[str | Task | TaskSpec, str | Region]
@@ -240,7 +260,7 @@ def _parse(
         truncated = answer[-1] not in eos or length == 0
         result = parse_answer(processor, raw, spec, size, truncated=truncated)
         if logprobs is not None:
-            result = attach_scores(result, processor, answer[1:], logprobs[index, :length])
+            result = attach_scores(result, processor, answer[1:], logprobs[index, :length], spec)
         results.append(result)
     return results
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from .regions import LOC_TOKEN
-from .tasks import ResultKind, Task, TaskSpec, task_spec
+from .grammar import clean_label, instance_labels, starts_with_label, strip_dropped
+from .regions import LOC_TOKEN, dequantize
+from .tasks import ResultKind, Task, TaskSpec, UnknownTaskError, task_spec
 
 _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>")
 
@@ -25,14 +26,14 @@ class Result:
     """What all results share.
 
     Attributes:
-        task: The task that produced it.
+        task: The task that produced it: a :class:`Task`, or a custom prompt's token.
         image_size: ``(width, height)`` of the original image.
         raw: The generated text with special tokens, without padding.
         truncated: True when generation hit ``max_new_tokens`` before the answer ended; the
             parsed fields then hold only what parsed cleanly.
     """
 
-    task: Task
+    task: Task | str
     image_size: tuple[int, int]
     raw: str = field(repr=False)
     truncated: bool = field(default=False, kw_only=True)
@@ -40,7 +41,7 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the result."""
         return {
-            "task": self.task.value,
+            "task": str(self.task),
             "image_size": list(self.image_size),
             "truncated": self.truncated,
             **self._payload(),
@@ -80,7 +81,7 @@ class Result:
                 f"text, got {sorted(data)}."
             )
         return kind(
-            task_spec(task if task is not None else data["task"]).task,
+            _task_of(task if task is not None else data["task"]),
             tuple(image_size if image_size is not None else data["image_size"]),
             raw=data.get("raw", ""),
             truncated=bool(data.get("truncated", False)),
@@ -98,6 +99,8 @@ class TextResult(Result):
 
     Attributes:
         text: The answer without special or location tokens.
+        box: The pixel box ``x1, y1, x2, y2`` the answer gave with its text (a region
+            task answers with the region it described), else None.
         score: With ``scores=True``: the geometric mean of the answer tokens' probabilities.
         logprob: With ``scores=True``: their mean log-probability (``log(score)``).
         word_scores: With ``scores=True``: ``(word, probability)`` for each word, the
@@ -105,6 +108,7 @@ class TextResult(Result):
     """
 
     text: str = ""
+    box: np.ndarray | None = None
     score: float | None = None
     logprob: float | None = None
     word_scores: list[tuple[str, float]] | None = field(default=None, repr=False)
@@ -112,6 +116,8 @@ class TextResult(Result):
 
     def _payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"text": self.text}
+        if self.box is not None:
+            payload["box"] = np.asarray(self.box).tolist()
         if self.score is not None:
             payload.update(score=self.score, logprob=self.logprob, word_scores=self.word_scores)
         return payload
@@ -119,8 +125,10 @@ class TextResult(Result):
     @classmethod
     def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
         words = data.get("word_scores")
+        box = data.get("box")
         return {
             "text": data["text"],
+            "box": None if box is None else np.asarray(box, dtype=np.float32),
             "score": data.get("score"),
             "logprob": data.get("logprob"),
             "word_scores": None if words is None else [(w, float(p)) for w, p in words],
@@ -289,30 +297,97 @@ def parse_answer(
     raw = clean_generated_text(raw)
     size = (int(image_size[0]), int(image_size[1]))
     common = {"task": spec.task, "image_size": size, "raw": raw, "truncated": truncated}
-    parsed = processor.post_process_generation(raw, task=spec.token, image_size=size)[spec.token]
+    parsed = _native_parse(processor, raw, spec, size)
+    banned = set(getattr(processor.post_processor, "banned_grounding_tokens", ()))
+    written = instance_labels(spec, strip_dropped(raw), banned)
 
     if spec.result is ResultKind.TEXT:
         text = _SPECIAL_TOKENS.sub("", LOC_TOKEN.sub("", parsed)).strip()
-        return TextResult(**common, text=text)
+        return TextResult(**common, text=text, box=_first_box(raw, size))
     if spec.result is ResultKind.OCR_REGIONS:
         quads = _array(parsed["quad_boxes"], (-1, 4, 2))
-        return OCRResult(**common, quads=quads, texts=list(parsed["labels"]))
+        texts = _exact(written, parsed["labels"])
+        return OCRResult(**common, quads=quads, texts=texts)
     if spec.result is ResultKind.POLYGONS:
         polygons = [_polygons(instance) for instance in parsed["polygons"]]
-        return PolygonsResult(**common, polygons=polygons, labels=list(parsed["labels"]))
+        labels = _exact(written, parsed["labels"])
+        return PolygonsResult(**common, polygons=polygons, labels=labels)
     if spec.task is Task.OPEN_VOCABULARY_DETECTION:
-        return _open_vocabulary(parsed, common)
-    return BoxesResult(**common, boxes=_array(parsed["bboxes"], (-1, 4)), labels=parsed["labels"])
+        return _open_vocabulary(parsed, common, written)
+    boxes = _array(parsed["bboxes"], (-1, 4))
+    return BoxesResult(**common, boxes=boxes, labels=_exact(written, parsed["labels"]))
 
 
-def _open_vocabulary(parsed: dict[str, Any], common: dict[str, Any]) -> BoxesResult:
+# The native post-processing type for each result kind of a custom task.
+_NATIVE_TYPE = {
+    ResultKind.TEXT: "pure_text",
+    ResultKind.BOXES: "description_with_bboxes",
+    ResultKind.POLYGONS: "polygons",
+    ResultKind.OCR_REGIONS: "ocr",
+}
+
+
+def _native_parse(processor: Any, raw: str, spec: TaskSpec, size: tuple[int, int]) -> Any:
+    """What the native processor makes of ``raw``: coordinates are always its own."""
+    if not spec.is_custom:
+        return processor.post_process_generation(raw, task=spec.token, image_size=size)[spec.token]
+    kind = _NATIVE_TYPE[spec.result]
+    if spec.result is ResultKind.POLYGONS and starts_with_label(strip_dropped(raw)):
+        kind = "description_with_polygons"
+    instances = processor.post_processor(text=raw, image_size=size, parse_tasks=[kind])[kind]
+    if spec.result is ResultKind.TEXT:
+        return instances
+    if spec.result is ResultKind.OCR_REGIONS:
+        return {
+            "quad_boxes": [i["quad_box"] for i in instances],
+            "labels": [i["text"] for i in instances],
+        }
+    if spec.result is ResultKind.POLYGONS:
+        return {
+            "polygons": [i["polygons"] for i in instances],
+            "labels": [i["cat_name"] for i in instances],
+        }
+    return {"bboxes": [i["bbox"] for i in instances], "labels": [i["cat_name"] for i in instances]}
+
+
+def _exact(written: list[str], native: list[str]) -> list[str]:
+    """The labels as written, one per native instance; the native ones, cleaned, if the two
+    readings ever disagree on the number of instances."""
+    if len(written) == len(native):
+        return written
+    return [clean_label(label) for label in native]
+
+
+def _first_box(raw: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The first four location tokens of an answer as a pixel box, if it has four."""
+    bins = [int(b) for b in LOC_TOKEN.findall(raw)[:4]]
+    if len(bins) < 4:
+        return None
+    return dequantize(bins, size).astype(np.float32)
+
+
+def _task_of(value: Any) -> Task | str:
+    """The task a stored result names: a built-in one, or a custom prompt's token."""
+    try:
+        return task_spec(value).task
+    except UnknownTaskError:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        raise
+
+
+def _open_vocabulary(
+    parsed: dict[str, Any], common: dict[str, Any], written: list[str]
+) -> BoxesResult:
     """Merge the native split answer (boxes, polygons) into one list of boxes.
 
-    A polygon answer is represented by the box that encloses it.
+    A polygon answer is represented by the box that encloses it. An answer holds boxes or
+    polygons, never both, so ``written`` (the exact labels) lines up with either.
     """
     boxes = list(parsed["bboxes"])
-    labels = list(parsed["bboxes_labels"])
-    for instance, label in zip(parsed["polygons"], parsed["polygons_labels"], strict=True):
+    labels = _exact(written, parsed["bboxes_labels"]) if boxes else []
+    polygon_labels = _exact(written, parsed["polygons_labels"])
+    for instance, label in zip(parsed["polygons"], polygon_labels, strict=True):
         points = np.concatenate([p for p in _polygons(instance)] or [np.zeros((0, 2))])
         if len(points):
             boxes.append([*points.min(axis=0), *points.max(axis=0)])

@@ -30,20 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .grammar import DROPPED_TOKENS, Span, instance_spans
 from .regions import LOC_TOKEN
 from .results import AnyResult, TextResult
-from .tasks import ResultKind, Task, task_spec
-
-_DROPPED = {"<s>", "</s>", "<pad>"}
-_BOX_TEXT = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_)")
-_BOX = re.compile(LOC_TOKEN.pattern * 4)
-_POLY_TEXT = re.compile(r"^\s*(.*?)(?=<od>|</od>|<box>|</box>|<bbox>|</bbox>|<loc_|<poly>)")
-_POLY_INSTANCE = re.compile(r"<poly>(.*?)</poly>")
-_POLY_RUN = re.compile(r"((?:<loc_\d+>)+)(?:<sep>|$)")
-_OCR = re.compile(r"(.+?)" + LOC_TOKEN.pattern * 8)
-_LOCS_OR_POLY = r"(?:<loc_\d+>|<sep>|<poly>|</poly>)"
-
-Span = tuple[int, int]
+from .tasks import TaskSpec
 
 
 def token_logprobs(model: Any, outputs: Any) -> torch.Tensor:
@@ -102,83 +92,12 @@ def _clean(text: str, spans: list[Span], tokens: list[str]) -> tuple[str, list[S
     """Drop ``<s>``, ``</s>`` and ``<pad>`` (as the native parser does) and shift the spans."""
     cleaned, new_spans = "", []
     for (start, end), token in zip(spans, tokens, strict=True):
-        if token in _DROPPED:
+        if token in DROPPED_TOKENS:
             new_spans.append(None)
             continue
         new_spans.append((len(cleaned), len(cleaned) + end - start))
         cleaned += text[start:end]
     return cleaned, new_spans
-
-
-def _box_instances(text: str, *, allow_empty: bool, banned: set[str]) -> list[list[Span]]:
-    pattern = r"(?:(?:<loc_\d+>){4,})" if allow_empty else r"([^<]+(?:<loc_\d+>){4,})"
-    instances = []
-    for match in re.finditer(pattern, text):
-        phrase_text, offset = match.group(0), match.start()
-        label = _BOX_TEXT.search(phrase_text)
-        if not phrase_text or not label:
-            continue
-        if label.group().strip() in banned:
-            continue
-        label_span = (offset, offset + label.end())
-        for box in _BOX.finditer(phrase_text):
-            instances.append([label_span, (offset + box.start(), offset + box.end())])
-    return instances
-
-
-def _polygon_instances(
-    text: str, *, allow_empty: bool, with_points_only: bool = False
-) -> list[list[Span]]:
-    if allow_empty:
-        pattern = rf"(?:{_LOCS_OR_POLY}{{4,}})"
-    else:
-        pattern = rf"([^<]+{_LOCS_OR_POLY}{{4,}})"
-    instances = []
-    for match in re.finditer(pattern, text):
-        phrase_text, offset = match.group(0), match.start()
-        stripped = re.sub(r"^<loc_\d+>", "", phrase_text, count=1)
-        if (not stripped and not allow_empty) or not _POLY_TEXT.search(stripped):
-            continue
-        label_span = (offset, offset + max(phrase_text.find("<"), 0))
-        if "<poly>" in phrase_text and "</poly>" in phrase_text:
-            parts = [
-                (offset + m.start(1), m.group(1)) for m in _POLY_INSTANCE.finditer(phrase_text)
-            ]
-        else:
-            parts = [(offset, phrase_text)]
-        for part_offset, part in parts:
-            runs = list(_POLY_RUN.finditer(part))
-            points = sum(len(re.findall(r"<loc_", run.group(1))) // 2 for run in runs)
-            if with_points_only and points == 0:
-                continue  # the parser's result has no polygon left for this instance
-            if runs:
-                body = (part_offset + runs[0].start(), part_offset + runs[-1].end())
-                instances.append([label_span, body])
-    return instances
-
-
-def _ocr_instances(text: str) -> list[list[Span]]:
-    return [[match.span()] for match in _OCR.finditer(text)]
-
-
-def instance_spans(task: Task, text: str, banned: set[str] = frozenset()) -> list[list[Span]]:
-    """Character spans (label and coordinates) of each instance the native parser returns.
-
-    ``text`` is the generation with ``<s>``, ``</s>`` and ``<pad>`` removed; the order is the
-    native parser's order.
-    """
-    kind = task_spec(task).result
-    if kind is ResultKind.OCR_REGIONS:
-        return _ocr_instances(text)
-    if kind is ResultKind.POLYGONS:
-        return _polygon_instances(text, allow_empty=True)
-    if task is Task.OPEN_VOCABULARY_DETECTION and "<poly>" in text:
-        return _polygon_instances(text, allow_empty=False, with_points_only=True)
-    if task is Task.REGION_PROPOSAL:
-        return _box_instances(text, allow_empty=True, banned=set())
-    if task is Task.CAPTION_TO_PHRASE_GROUNDING:
-        return _box_instances(text, allow_empty=False, banned=banned)
-    return _box_instances(text, allow_empty=False, banned=set())
 
 
 def _overlapping(spans: list[Span | None], wanted: list[Span]) -> list[int]:
@@ -192,7 +111,11 @@ def _overlapping(spans: list[Span | None], wanted: list[Span]) -> list[int]:
 
 
 def attach_scores(
-    result: AnyResult, processor: Any, token_ids: list[int], logprobs: np.ndarray
+    result: AnyResult,
+    processor: Any,
+    token_ids: list[int],
+    logprobs: np.ndarray,
+    spec: TaskSpec | None = None,
 ) -> AnyResult:
     """Return ``result`` with confidences from the per-token log-probabilities.
 
@@ -201,6 +124,7 @@ def attach_scores(
         processor: The model's processor.
         token_ids: The generated ids after the decoder start token, up to and including EOS.
         logprobs: One log-probability per id in ``token_ids``.
+        spec: The task that was run (needed for a custom task; else read from the result).
 
     Returns:
         A copy with ``scores`` (spatial results) or ``score``, ``logprob`` and
@@ -221,12 +145,12 @@ def attach_scores(
         return _score_text(result, cleaned, clean_spans, answer, logprobs)
 
     banned = set(getattr(processor.post_processor, "banned_grounding_tokens", set()))
-    instances = instance_spans(result.task, cleaned, banned)
+    instances = instance_spans(spec or result.task, cleaned, banned)
     scores = [_geometric_mean(logprobs[_overlapping(clean_spans, inst)]) for inst in instances]
     if len(scores) != len(result):
         raise RuntimeError(
             f"Found {len(scores)} scored instances but the parser returned {len(result)} for "
-            f"{result.task.value}; please report this answer: {result.raw!r}"
+            f"{result.task}; please report this answer: {result.raw!r}"
         )
     return replace(result, scores=np.asarray(scores, dtype=np.float32))
 

@@ -1,4 +1,4 @@
-"""The 15 Florence-2 task tokens: what each one takes and what it gives back."""
+"""The 15 Florence-2 task tokens, and custom prompts: what each takes and gives back."""
 
 from __future__ import annotations
 
@@ -59,11 +59,12 @@ class AnswerSize(str, enum.Enum):
 class TaskSpec:
     """One task: its token, the extra input it takes and the result it gives.
 
-    ``answer_size`` is how long its answers usually are; :func:`run_tasks` decodes tasks of
-    similar length together so short answers do not wait for long ones.
+    ``task`` is a :class:`Task`, or for a custom task (:func:`custom_task`) its prompt token
+    as a string. ``answer_size`` is how long its answers usually are; :func:`run_tasks`
+    decodes tasks of similar length together so short answers do not wait for long ones.
     """
 
-    task: Task
+    task: Task | str
     input: InputKind
     result: ResultKind
     description: str
@@ -71,11 +72,16 @@ class TaskSpec:
 
     @property
     def token(self) -> str:
-        return self.task.value
+        return self.task.value if isinstance(self.task, Task) else self.task
 
     @property
     def name(self) -> str:
-        return self.task.name
+        return self.task.name if isinstance(self.task, Task) else self.task
+
+    @property
+    def is_custom(self) -> bool:
+        """Whether this is a prompt of your own rather than one of the 15 task tokens."""
+        return not isinstance(self.task, Task)
 
 
 _SPECS = [
@@ -163,6 +169,72 @@ class UnknownTaskError(ValueError):
     """Raised for a task name that is not one of the 15 Florence-2 tasks."""
 
 
+_RESULT_NAMES = {"text": ResultKind.TEXT, "boxes": ResultKind.BOXES}
+_RESULT_NAMES.update(polygons=ResultKind.POLYGONS, ocr=ResultKind.OCR_REGIONS)
+_RESULT_NAMES["ocr_regions"] = ResultKind.OCR_REGIONS
+_DEFAULT_SIZE = {
+    ResultKind.TEXT: AnswerSize.SHORT,
+    ResultKind.BOXES: AnswerSize.MEDIUM,
+    ResultKind.OCR_REGIONS: AnswerSize.MEDIUM,
+    ResultKind.POLYGONS: AnswerSize.LONG,
+}
+
+
+def custom_task(
+    prompt: str,
+    *,
+    takes: str | InputKind = "none",
+    result: str | ResultKind = "text",
+    description: str = "",
+    answer_size: str | AnswerSize | None = None,
+) -> TaskSpec:
+    """A task of your own: a prompt a fine-tuned or community checkpoint answers.
+
+    Use it wherever a task goes (:func:`run`, :func:`run_tasks`, ``label``, training
+    samples). The prompt is sent as written, followed by the text or region the call gives;
+    the answer is parsed as ``result`` says, with the same grammar and quantization as the
+    built-in tasks.
+
+    Args:
+        prompt: The prompt, or its leading token, e.g. ``"<DocVQA>"`` or
+            ``"<GENERATE_TAGS>"``. It must not contain one of the 15 built-in task tokens
+            (the processor would rewrite it).
+        takes: ``"none"``, ``"text"`` (appended to the prompt, e.g. a question) or
+            ``"region"`` (a pixel box, appended as four location tokens).
+        result: ``"text"``, ``"boxes"``, ``"polygons"`` or ``"ocr"`` (text regions).
+        description: One line saying what it does.
+        answer_size: ``"short"``, ``"medium"`` or ``"long"``; by default from ``result``.
+
+    Raises:
+        UnknownTaskError: An empty prompt, a built-in task token in it, or an unknown
+            ``takes`` / ``result``.
+
+    Example:
+        >>> docvqa = custom_task("<DocVQA>", takes="text")
+        >>> docvqa.token, docvqa.result.value
+        ('<DocVQA>', 'text')
+    """
+    text = str(prompt).strip()
+    if not text:
+        raise UnknownTaskError("A custom task needs a prompt, e.g. custom_task('<DocVQA>').")
+    inside = next((t for t in Task if t.value in text), None)
+    if inside is not None:
+        raise UnknownTaskError(
+            f"The prompt {text!r} contains the built-in task token {inside.value}: run the task "
+            f"{inside.name!r} itself, or choose a prompt of your own."
+        )
+    try:
+        kind = result if isinstance(result, ResultKind) else _RESULT_NAMES[str(result).lower()]
+        needs = InputKind(takes)
+        size = _DEFAULT_SIZE[kind] if answer_size is None else AnswerSize(answer_size)
+    except (KeyError, ValueError) as error:
+        raise UnknownTaskError(
+            f"Unknown setting for a custom task ({error}): takes is none, text or region; "
+            "result is text, boxes, polygons or ocr; answer_size is short, medium or long."
+        ) from None
+    return TaskSpec(text, needs, kind, description or f"custom prompt {text}", size)
+
+
 def task_spec(task: str | Task | TaskSpec) -> TaskSpec:
     """Look up a task by token (``"<OD>"``), name (``"OD"``, ``"od"``) or enum.
 
@@ -171,6 +243,9 @@ def task_spec(task: str | Task | TaskSpec) -> TaskSpec:
 
     Returns:
         The task's :class:`TaskSpec`.
+
+    A custom prompt is never guessed from a string: make it with :func:`custom_task`, or
+    pass ``prompt=`` to :func:`run`.
 
     Raises:
         UnknownTaskError: The name matches no task; the message lists the closest names.
@@ -191,5 +266,6 @@ def task_spec(task: str | Task | TaskSpec) -> TaskSpec:
     close = difflib.get_close_matches(name, list(Task.__members__), n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise UnknownTaskError(
-        f"Unknown Florence-2 task {task!r}.{hint} Known tasks: {', '.join(Task.__members__)}."
+        f"Unknown Florence-2 task {task!r}.{hint} Known tasks: {', '.join(Task.__members__)}. "
+        "For a prompt of your own, use custom_task(...) or run(..., prompt=...)."
     )
