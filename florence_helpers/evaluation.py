@@ -1,4 +1,5 @@
-"""Detection quality against labelled boxes: COCO mAP (pycocotools) and precision/recall."""
+"""Answer quality against labels: COCO mAP (pycocotools) and precision/recall for boxes; exact
+match, ANLS and character error rate (rapidfuzz's Levenshtein distance) for text."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 from .conversions import coco_categories
 from .regions import LOC_TOKEN, xyxy_to_xywh
 from .results import BoxesResult
+from .tasks import ResultKind, Task, task_spec
 
 _AGNOSTIC = "object"
 
@@ -200,6 +202,10 @@ class SampleEvaluation:
             with IoU >= 0.5 (the RefCOCO measure); NaN if none.
         region_accuracy: Share of ``REGION_TO_CATEGORY`` samples answered with their label
             (ignoring case and location tokens); NaN if none.
+        exact_match: Share of text samples (questions, captions, OCR) answered exactly with
+            one of their accepted answers (see :func:`exact_match`); NaN if none.
+        anls: Mean ANLS over the text samples, DocVQA's measure (see :func:`anls`).
+        cer: Mean character error rate of the text samples against their first answer.
         results: The model's result for each sample, in order.
     """
 
@@ -209,15 +215,77 @@ class SampleEvaluation:
     grounding_accuracy: float
     region_accuracy: float
     results: list[Any]
+    exact_match: float = float("nan")
+    anls: float = float("nan")
+    cer: float = float("nan")
 
     def summary(self) -> dict[str, float]:
-        """The metrics by name, for tables."""
-        return {
+        """The metrics by name, for tables; those no sample measured are left out."""
+        metrics = {
             "mAP@[.5:.95]": self.map,
             "mAP@.5": self.map50,
             "grounding acc@.5": self.grounding_accuracy,
             "region accuracy": self.region_accuracy,
+            "exact match": self.exact_match,
+            "ANLS": self.anls,
+            "CER": self.cer,
         }
+        return {name: value for name, value in metrics.items() if not np.isnan(value)}
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def exact_match(prediction: str, answers: str | list[str] | tuple[str, ...]) -> bool:
+    """Whether ``prediction`` equals one of the accepted answers, ignoring case and spacing.
+
+    Example:
+        >>> exact_match("  Total 12.50", ["total 12.50", "12.50"])
+        True
+    """
+    accepted = [answers] if isinstance(answers, str) else list(answers)
+    return any(_normalised(prediction) == _normalised(answer) for answer in accepted)
+
+
+def anls(
+    prediction: str, answers: str | list[str] | tuple[str, ...], threshold: float = 0.5
+) -> float:
+    """Average Normalised Levenshtein Similarity for one answer, the DocVQA measure.
+
+    The similarity to an accepted answer is ``1 - distance / max(len)`` on case-folded,
+    space-normalised strings, counted as 0 below ``threshold`` (a different answer, not a
+    misspelling); the best over the accepted answers is returned.
+
+    Example:
+        >>> round(anls("12.5O", ["12.50"]), 2), anls("42", ["12.50"])
+        (0.8, 0.0)
+    """
+    from rapidfuzz.distance import Levenshtein
+
+    accepted = [answers] if isinstance(answers, str) else list(answers)
+    best = 0.0
+    for answer in accepted:
+        similarity = 1 - Levenshtein.normalized_distance(
+            _normalised(prediction), _normalised(answer)
+        )
+        best = max(best, similarity if similarity >= threshold else 0.0)
+    return best
+
+
+def character_error_rate(prediction: str, reference: str) -> float:
+    """Edits (insertions, deletions, substitutions) per reference character, for OCR.
+
+    0 is perfect; it exceeds 1 when the prediction is much longer than the reference.
+
+    Example:
+        >>> character_error_rate("Helo world", "Hello world")
+        0.09090909090909091
+    """
+    from rapidfuzz.distance import Levenshtein
+
+    distance = Levenshtein.distance(prediction, reference)
+    return distance / len(reference) if reference else float(distance > 0)
 
 
 def box_iou(a: Any, b: Any) -> np.ndarray:
@@ -269,11 +337,10 @@ def evaluate_samples(
         {'mAP@[.5:.95]': 0.71, 'mAP@.5': 0.93, 'grounding acc@.5': nan, 'region accuracy': nan}
     """
     from .inference import run
-    from .tasks import Task
 
     samples = list(samples)
     results: list[Any] = [None] * len(samples)
-    by_task: dict[Task, list[int]] = {}
+    by_task: dict[Any, list[int]] = {}
     for index, sample in enumerate(samples):
         by_task.setdefault(sample.task, []).append(index)
     for task, indices in by_task.items():
@@ -284,7 +351,7 @@ def evaluate_samples(
             task,
             text=[s.text for s in chosen] if chosen[0].text is not None else None,
             region=[s.region for s in chosen] if chosen[0].region is not None else None,
-            scores=task is not Task.REGION_TO_CATEGORY,
+            scores=task_spec(task).result is ResultKind.BOXES,
             num_beams=num_beams,
             batch_size=batch_size,
             progress=progress,
@@ -293,7 +360,13 @@ def evaluate_samples(
         for i, answer in zip(indices, answers, strict=True):
             results[i] = answer
 
-    boxed = [i for i, s in enumerate(samples) if s.task is not Task.REGION_TO_CATEGORY]
+    kinds = [task_spec(s.task).result for s in samples]
+    texts = [
+        i
+        for i, s in enumerate(samples)
+        if kinds[i] is ResultKind.TEXT and s.task is not Task.REGION_TO_CATEGORY
+    ]
+    boxed = [i for i, kind in enumerate(kinds) if kind is ResultKind.BOXES]
     mean_ap = mean_ap50 = float("nan")
     constant = False
     if boxed:
@@ -315,14 +388,23 @@ def evaluate_samples(
         LOC_TOKEN.sub("", results[i].text).strip().casefold() == samples[i].labels[0].casefold()
         for i in regions
     ]
+    accepted = [samples[i].answers or (samples[i].target,) for i in texts]
+    said = [results[i].text for i in texts]
     return SampleEvaluation(
         map=mean_ap,
         map50=mean_ap50,
         constant_scores=constant,
-        grounding_accuracy=float(np.mean(hits)) if hits else float("nan"),
-        region_accuracy=float(np.mean(right)) if right else float("nan"),
+        grounding_accuracy=_mean([float(hit) for hit in hits]),
+        region_accuracy=_mean([float(ok) for ok in right]),
         results=results,
+        exact_match=_mean([float(exact_match(p, a)) for p, a in zip(said, accepted, strict=True)]),
+        anls=_mean([anls(p, a) for p, a in zip(said, accepted, strict=True)]),
+        cer=_mean([character_error_rate(p, a[0]) for p, a in zip(said, accepted, strict=True)]),
     )
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _ground_truth(samples: list[Any], indices: list[int]) -> dict[str, Any]:

@@ -158,3 +158,84 @@ def _draw(
         draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=colour)
     else:
         draw.polygon([((x1 + x2 - 1) / 2, y1), (x2 - 1, y2 - 1), (x1, y2 - 1)], fill=colour)
+
+
+SHOPS = ("Corner Bakery", "Blue Lake Books", "Hill Street Cafe", "Northside Hardware")
+ITEMS = (
+    ("bread", 3.20),
+    ("coffee", 2.80),
+    ("notebook", 4.50),
+    ("tea", 2.10),
+    ("hammer", 12.90),
+    ("pencils", 1.60),
+    ("cake", 3.90),
+    ("map", 6.40),
+)
+QUESTIONS = ("What is the total?", "What is the shop name?", "What is the date?")
+
+
+def make_receipts(
+    folder: str | Path,
+    *,
+    num_images: int = 8,
+    image_size: tuple[int, int] = (480, 640),
+    seed: int = 0,
+) -> Path:
+    """Write receipts as PNG images and three questions about each as JSON lines.
+
+    Each receipt has a shop name and date on a coloured band, two to four items with prices
+    and their total, on paper of its own tint; the questions ask for the total, the shop name
+    and the date. Ready for :func:`~florence_helpers.training_data.read_qa`. Being generated
+    here, the images carry no third-party rights (CC0).
+
+    Args:
+        folder: Output directory (created; files already there are overwritten).
+        num_images: Receipts to draw.
+        image_size: ``(width, height)`` of every receipt.
+        seed: Seed for everything random.
+
+    Returns:
+        The path of ``qa.jsonl`` (``image``, ``question``, ``answer`` per line); the images
+        sit beside it.
+
+    Example:
+        >>> import tempfile
+        >>> path = make_receipts(tempfile.mkdtemp(), num_images=1, seed=3)
+        >>> [json.loads(line)["question"] for line in path.read_text().splitlines()]
+        ['What is the total?', 'What is the shop name?', 'What is the date?']
+    """
+    from PIL import ImageFont
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    font = ImageFont.load_default(size=26)
+    big = ImageFont.load_default(size=34)
+    lines = []
+    for number in range(1, num_images + 1):
+        shop = rng.choice(SHOPS)
+        date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+        bought = rng.sample(ITEMS, rng.randint(2, 4))
+        total = f"{sum(price for _, price in bought):.2f}"
+        paper = tuple(rng.randint(215, 255) for _ in range(3))  # receipts differ in colour
+        band = tuple(rng.randint(20, 160) for _ in range(3))
+        image = Image.new("RGB", image_size, paper)
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((0, 0, image_size[0], 150), fill=band)
+        draw.text((40, 40), shop, fill="white", font=big)
+        draw.text((40, 100), date, fill="white", font=font)
+        y = 190
+        for item, price in bought:
+            draw.text((40, y), item, fill="black", font=font)
+            draw.text((image_size[0] - 150, y), f"{price:.2f}", fill="black", font=font)
+            y += 45
+        draw.line((40, y + 10, image_size[0] - 40, y + 10), fill="black", width=2)
+        draw.text((40, y + 30), "TOTAL", fill="black", font=big)
+        draw.text((image_size[0] - 150, y + 30), total, fill="black", font=big)
+        name = f"receipt_{number:03d}.png"
+        image.save(out / name)
+        for question, answer in zip(QUESTIONS, (total, shop, date), strict=True):
+            lines.append(json.dumps({"image": name, "question": question, "answer": answer}))
+    path = out / "qa.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -1,6 +1,6 @@
 """Fine-tuning data: read labelled images into (prompt, target) pairs in Florence-2's grammar.
 
-Two formats are read:
+Three formats are read:
 
 * **COCO detection** (``images``, ``categories``, ``annotations`` with ``bbox`` as
   ``[x, y, width, height]``), what most labelling tools export. Each image becomes one ``<OD>``
@@ -9,6 +9,10 @@ Two formats are read:
   "images": [path], "objects": [[label, [x1, y1, x2, y2]], ...]}`` (``objects`` may also be a
   JSON string). A query with ``<ref-object>`` asks for boxes (grounding); a query with
   ``<bbox>`` asks for the label of a region (``<REGION_TO_CATEGORY>``).
+* **Questions and answers** (document VQA and any free-text task): rows of image, question
+  and answer from a JSON-lines or CSV file, or a Hugging Face ``datasets`` dataset
+  (:func:`read_qa`). The answer is the target as written; the prompt is the task's token
+  followed by the question.
 
 Targets are written the way Florence-2 writes its answers: a label followed by four
 ``<loc_N>`` tokens per box, quantized by :func:`~florence_helpers.regions.box_to_loc_tokens`
@@ -19,24 +23,32 @@ to raise on them or to skip those samples with a warning. Nothing is dropped sil
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from .prompts import build_prompt
+from .prompts import TaskInputError, build_prompt
 from .regions import RegionError, box_to_loc_tokens, check_box, xywh_to_xyxy
-from .tasks import Task, task_spec
+from .tasks import InputKind, Task, TaskSpec, custom_task, task_spec
 
 Box = tuple[float, float, float, float]
 OnError = Literal["raise", "skip"]
 
 _GROUNDING_TASKS = (Task.OPEN_VOCABULARY_DETECTION, Task.CAPTION_TO_PHRASE_GROUNDING)
+
+DOCVQA = custom_task(
+    "<DocVQA>", takes="text", description="answer a question about a document image"
+)
+"""The document-question prompt of the best-known Florence-2 fine-tuning tutorial: the token
+``<DocVQA>`` followed by the question. Base checkpoints do not know it; fine-tuning teaches it."""
 _EXIF_ORIENTATION = 0x0112
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -74,25 +86,28 @@ class TrainingSample:
         sample_id: Where the sample came from, e.g. ``"annotations.json image 7"``.
         image: The image file.
         image_size: ``(width, height)`` of the upright image.
-        task: The task.
+        task: The task (a :class:`Task`, or the :class:`TaskSpec` of a custom task).
         prompt: The task prompt, e.g. ``"<OD>"`` or ``"<OPEN_VOCABULARY_DETECTION>a cat"``.
         target: The answer, e.g. ``"cat<loc_10><loc_20><loc_500><loc_600>"``.
         labels: The ground-truth label of each box (for evaluation).
         boxes: The ground-truth boxes ``(x1, y1, x2, y2)`` in pixels (for evaluation).
-        text: The text a grounding prompt carries, if any.
+        text: The text a grounding prompt or a question carries, if any.
         region: The region a ``REGION_TO_CATEGORY`` prompt carries, if any.
+        answers: Every accepted answer of a question (the target is the first), for
+            evaluation.
     """
 
     sample_id: str
     image: Path
     image_size: tuple[int, int]
-    task: Task
+    task: Task | TaskSpec
     prompt: str
     target: str
     labels: tuple[str, ...] = ()
     boxes: tuple[Box, ...] = ()
     text: str | None = None
     region: Box | None = None
+    answers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -368,6 +383,157 @@ def read_grounding_jsonl(
             continue
         samples.append(_sample(where, image_path, size, task, labels, boxes, text, region))
     return _finish(samples, problems, on_error)
+
+
+def read_qa(
+    source: str | Path | Iterable[Mapping[str, Any]],
+    images_dir: str | Path | None = None,
+    *,
+    task: str | Task | TaskSpec = DOCVQA,
+    image_column: str = "image",
+    question_column: str | None = "question",
+    answer_column: str = "answer",
+    on_error: OnError = "raise",
+) -> TrainingSet:
+    """Read (image, question, answer) rows as training samples for a free-text task.
+
+    Args:
+        source: A ``.jsonl`` or ``.csv`` file with one row per question, or the rows
+            themselves: a Hugging Face ``datasets.Dataset`` (DocVQA-style, with image,
+            question and answer columns) or any list of dicts.
+        images_dir: For files: the folder relative image paths start from (default: the
+            file's folder). For rows holding decoded images (a ``datasets`` Image column):
+            where to write them as PNG files, which training reads; required then.
+        task: What the samples teach: :data:`DOCVQA` (``"<DocVQA>"`` + the question), any
+            :func:`~florence_helpers.custom_task`, or a built-in task whose answer is text
+            (e.g. ``"CAPTION"``, with ``question_column=None``).
+        image_column, question_column, answer_column: Column names. The answer may be one
+            string or a list of accepted answers (DocVQA's ``answers``): the first is the
+            target, all of them count in evaluation. ``question_column=None`` for tasks
+            that take no text.
+        on_error: ``"raise"`` an :class:`AnnotationError` listing every bad row, or
+            ``"skip"`` those rows with a warning, as :func:`read_coco` does.
+
+    Raises:
+        AnnotationError: Rows without an image, question or answer, with an empty answer,
+            or whose image is missing or unreadable; each named by file and line or row.
+
+    Example:
+        >>> data = read_qa("receipts/qa.jsonl")  # doctest: +SKIP
+        >>> data[0].prompt, data[0].target  # doctest: +SKIP
+        ('<DocVQA>What is the total?', '23.40')
+    """
+    spec = task_spec(task)
+    takes_text = spec.input is InputKind.TEXT
+    if spec.input is InputKind.REGION:
+        raise TaskInputError(f"read_qa reads questions, not regions: {spec.name} takes a region.")
+    if takes_text and question_column is None:
+        raise TaskInputError(f"{spec.token} takes text: name the question_column.")
+    rows, name, root = _qa_rows(source, images_dir)
+    samples: list[TrainingSample] = []
+    problems: list[AnnotationProblem] = []
+    sizes: dict[Path, tuple[int, int]] = {}
+    for number, row in rows:
+        where = f"{name} {number}"
+        try:
+            if isinstance(row, _BadAnnotation):
+                raise row
+            image = _qa_image(row.get(image_column), root, where, images_dir is not None)
+            if image not in sizes:
+                sizes[image] = _checked_image_size(image, {})
+            answers = _qa_answers(row.get(answer_column))
+            question = None
+            if takes_text:
+                question = str(row.get(question_column) or "").strip()
+                if not question:
+                    raise _BadAnnotation(f"no question (column {question_column!r})")
+            elif question_column is not None and str(row.get(question_column) or "").strip():
+                raise _BadAnnotation(f"{spec.token} takes no question, but the row has one")
+            prompt = build_prompt(spec, sizes[image], text=question)
+        except _BadAnnotation as error:
+            problems.append(AnnotationProblem(where, str(error)))
+            continue
+        except TaskInputError as error:
+            problems.append(AnnotationProblem(where, str(error)))
+            continue
+        samples.append(
+            TrainingSample(
+                sample_id=where,
+                image=image,
+                image_size=sizes[image],
+                task=spec.task if not spec.is_custom else spec,
+                prompt=prompt,
+                target=answers[0],
+                text=question,
+                answers=answers,
+            )
+        )
+    return _finish(samples, problems, on_error)
+
+
+def _qa_rows(
+    source: str | Path | Iterable[Mapping[str, Any]], images_dir: str | Path | None
+) -> tuple[Iterable[tuple[int, Any]], str, Path]:
+    """Numbered rows (or the error that spoilt one), a name for messages, the image folder."""
+    if not isinstance(source, (str, Path)):
+        root = Path(images_dir).expanduser() if images_dir is not None else Path.cwd()
+        return enumerate(source, start=1), "row", root
+    path = Path(source).expanduser()
+    root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    if path.suffix.lower() == ".csv":
+        return enumerate(csv.DictReader(io.StringIO(text)), start=2), f"{path.name} line", root
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        raise ValueError(f"{path.name}: read_qa reads .jsonl or .csv files.")
+
+    def records() -> Iterator[tuple[int, Any]]:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield number, _BadAnnotation(f"not valid JSON ({error.msg})")
+                continue
+            if not isinstance(record, Mapping):
+                yield number, _BadAnnotation("not a JSON object")
+                continue
+            yield number, record
+
+    return records(), f"{path.name} line", root
+
+
+def _qa_image(value: Any, root: Path, where: str, can_write: bool) -> Path:
+    """The row's image as a file: a path as given, or a decoded image written under ``root``."""
+    if isinstance(value, Mapping):  # a datasets Image column read without decoding
+        value = value.get("path") or (
+            Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else None
+        )
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _BadAnnotation("no image")
+    if isinstance(value, Image.Image):
+        if not can_write:
+            raise _BadAnnotation(
+                "the image is in the data, not in a file: pass images_dir=... to write it there"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"{''.join(c if c.isalnum() else '_' for c in where)}.png"
+        value.convert("RGB").save(path)
+        return path
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else root / path
+
+
+def _qa_answers(value: Any) -> tuple[str, ...]:
+    """The accepted answers, first one the target; an error if there is none."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    answers = tuple(str(v).strip() for v in values if v is not None and str(v).strip())
+    if not answers:
+        raise _BadAnnotation("empty answer")
+    return answers
 
 
 def _sample(
