@@ -18,6 +18,10 @@ from florence_helpers.testing import build_tiny_model
 
 _TINY_DIR: Path | None = None
 
+# Notebook 08 fine-tunes with settings for a real checkpoint; tests/test_notebook_docvqa.py runs
+# it with the tiny model's settings inserted by the harness instead of nbval running it as is.
+collect_ignore = ["notebooks/08_fine_tuning_document_vqa.ipynb"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     global _TINY_DIR
