@@ -10,6 +10,7 @@ from typing import Any, overload
 import numpy as np
 from tqdm.auto import tqdm
 
+from .evaluation import box_iou
 from .images import ImageSource, load_image
 from .inference import run_tasks
 from .model import FlorenceModel
@@ -162,16 +163,7 @@ def non_max_suppression(result: BoxesResult, iou_threshold: float) -> BoxesResul
         members = np.flatnonzero(labels == label)
         kept: list[int] = []
         for index in members[np.argsort(-scores[members], kind="stable")]:
-            if all(box_iou(result.boxes[index], result.boxes[k]) <= iou_threshold for k in kept):
+            if not kept or box_iou(result.boxes[index], result.boxes[kept]).max() <= iou_threshold:
                 kept.append(int(index))
         keep[kept] = True
     return result[np.flatnonzero(keep)]
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two ``x1, y1, x2, y2`` boxes (0 when either is empty)."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(width, 0) * max(height, 0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
