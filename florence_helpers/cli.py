@@ -15,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .detection import check_classes
 from .images import ImageLoadError, load_image
 from .model import (
     DEFAULT_MODEL_ID,
@@ -127,6 +126,8 @@ def _task_and_classes(args: argparse.Namespace, default: str | None) -> TaskSpec
         )
     if args.text is not None or args.region is not None:
         raise TaskInputError("--classes takes the place of --text and --region: give only it.")
+    from .detection import check_classes  # the model code loads only once input is checked
+
     check_classes(args.classes)
     return spec
 
