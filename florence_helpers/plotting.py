@@ -46,6 +46,11 @@ _PALETTE = [
 ]
 _REGION_COLOR = (255, 255, 255)
 
+TITLE_WIDTH = 60
+"""Characters per title line (about a 4-inch panel at font size 10)."""
+TITLE_LINES = 3
+"""Title lines at most; the rest of a long answer is cut with "…"."""
+
 
 def label_color(label: str) -> tuple[int, int, int]:
     """A colour that depends only on the label: the same label looks the same in every figure.
@@ -297,11 +302,30 @@ def plot_result(
     if region is not None:
         plot_region(image, region, ax)
     if title is None:
-        title = result.task.name
+        name = getattr(result.task, "name", result.task)  # a custom prompt has no enum name
+        title = name
         if isinstance(result, TextResult):
-            title = textwrap.fill(result.text, 60) or f"{result.task.name}: (empty answer)"
-    ax.set_title(title, fontsize=10)
+            title = result.text or f"{name}: (empty answer)"
+    ax.set_title(fit_title(title), fontsize=10)
     return ax
+
+
+def fit_title(text: str, width: int = TITLE_WIDTH, lines: int = TITLE_LINES) -> str:
+    """``text`` wrapped to ``width`` characters, cut to ``lines`` lines ending in "…".
+
+    Every title the plot helpers draw goes through it, so a long answer cannot make a figure
+    thousands of pixels wide or run into the panel above.
+
+    Example:
+        >>> print(fit_title("a " * 100, width=20, lines=2))
+        a a a a a a a a a a
+        a a a a a a a a a a…
+    """
+    wrapped = [row for part in str(text).splitlines() for row in textwrap.wrap(part, width)]
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] = wrapped[-1][: width - 1].rstrip() + "…"
+    return "\n".join(wrapped)
 
 
 def plot_grid(

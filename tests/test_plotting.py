@@ -176,3 +176,25 @@ def test_both_drawing_paths_render_the_same_drawables(grey, monkeypatch):
     assert len(ax.patches) == 1 and [t.get_text() for t in ax.texts] == ["new"]
     plt.close(fig)
     assert annotate(grey, mask).getpixel((190, 30)) == (0, 0, 255)
+
+
+def test_long_titles_are_wrapped_and_capped(grey):
+    fig, (left, right) = plt.subplots(1, 2)
+    long_answer = TextResult(Task.MORE_DETAILED_CAPTION, SIZE, raw="", text="word " * 400)
+    plot_result(grey, long_answer, left)
+    lines = left.get_title().split("\n")
+    assert len(lines) == 3 and all(len(line) <= 60 for line in lines)
+    assert lines[-1].endswith("…")
+    plot_result(grey, boxes(((10, 10, 50, 50), "car")), right, title="category: " + "x" * 500)
+    assert all(len(line) <= 60 for line in right.get_title().split("\n"))
+    fig.canvas.draw()
+    assert fig.get_size_inches()[0] < 20  # the figure keeps its size whatever the answer
+    plt.close(fig)
+
+
+def test_a_custom_prompt_result_gets_its_prompt_as_title(grey):
+    fig, ax = plt.subplots()
+    found = BoxesResult("<FIND>a car", SIZE, raw="", boxes=np.zeros((0, 4)), labels=[])
+    plot_result(grey, found, ax)
+    assert ax.get_title() == "<FIND>a car"
+    plt.close(fig)
