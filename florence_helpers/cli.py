@@ -4,6 +4,7 @@ python -m florence_helpers IMAGE --task OD [--text ...] [--region X1 Y1 X2 Y2]
                            [--model ID_OR_DIR] [--out annotated.png] [--json]
 python -m florence_helpers IMAGE --classes car,person,"traffic light"
 python -m florence_helpers label FOLDER --task OD --out labels.jsonl
+python -m florence_helpers convert OLD_REMOTE_CODE_CHECKPOINT NEW_FOLDER
 """
 
 from __future__ import annotations
@@ -185,10 +186,37 @@ def label_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def convert_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m florence_helpers convert",
+        description="Convert a Florence-2 checkpoint in the original remote-code layout (or a "
+        "LoRA adapter trained on one) to the native transformers format that load_model reads.",
+    )
+    parser.add_argument("old", help="the remote-code checkpoint or adapter folder")
+    parser.add_argument("new", help="the folder to write (must not exist yet)")
+    parser.add_argument("--overwrite", action="store_true", help="replace NEW if it exists")
+    args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    from .checkpoints import CheckpointError, convert
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        written = convert(args.old, args.new, overwrite=args.overwrite)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {written}; load it with load_model({str(written)!r})", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "label":
         return label_main(argv[1:])
+    if argv and argv[0] == "convert":
+        return convert_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked without the model is checked first.

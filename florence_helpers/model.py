@@ -227,7 +227,8 @@ def load_model(
             name, dtype=torch_dtype, local_files_only=local_only, attn_implementation="sdpa"
         )
     except (OSError, ValueError, KeyError) as error:
-        raise ModelNotAvailableError(_unavailable_message(name, str(error))) from error
+        message = _unavailable_message(name, str(error), hub_reached=not local_only)
+        raise ModelNotAvailableError(message) from error
     if target.type == "cpu":
         _use_available_cores()
     model = model.to(target).eval()
@@ -277,6 +278,7 @@ def _check_source(name: str) -> bool:
                 f"{path} is a directory but holds no Florence-2 model (no config.json). "
                 f"Point {MODEL_ENV_VAR} at the folder that contains config.json."
             )
+        _check_layout(path)
         return True
     if name.startswith(("/", "./", "../", "~")) or path.exists() or name.count("/") > 1:
         raise ModelNotAvailableError(f"No model directory at {path}.")
@@ -289,6 +291,23 @@ def _check_source(name: str) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
     return not _hub_reachable(name)
+
+
+def _check_layout(path: Path) -> None:
+    """Refuse a folder that is not a native Florence-2 checkpoint, saying what it is."""
+    from .checkpoints import CheckpointError, checkpoint_layout, convert_command
+
+    try:
+        layout = checkpoint_layout(path)
+    except CheckpointError as error:
+        raise ModelNotAvailableError(str(error)) from None
+    if layout == "remote-code":
+        raise ModelNotAvailableError(
+            f"{path} is a Florence-2 checkpoint in the original remote-code layout "
+            "(config.json names auto_map modules and a florence2_language text model), which "
+            "transformers' native classes cannot read. Convert it once, then load the copy:\n"
+            f"    {convert_command(path)}"
+        )
 
 
 def _hub_reachable(name: str) -> bool:
@@ -307,10 +326,28 @@ def _hub_reachable(name: str) -> bool:
     return True
 
 
-def _unavailable_message(name: str, detail: str) -> str:
+def _unavailable_message(name: str, detail: str, *, hub_reached: bool = False) -> str:
+    """Why loading failed, naming what actually went wrong (never the network when the files
+    were read)."""
+    from .checkpoints import REMOTE_TEXT_MODEL, convert_command
+
     first_line = detail.strip().splitlines()[0] if detail.strip() else ""
     if Path(name).expanduser().is_dir():
         return f"Could not load a Florence-2 model from {name}: {first_line}"
+    folder = name.split("/")[-1]
+    if hub_reached and (REMOTE_TEXT_MODEL in detail or "trust_remote_code" in detail):
+        return (
+            f"{name} is a Florence-2 checkpoint in the original remote-code layout, which "
+            "transformers' native classes cannot read. Download it and convert it once:\n"
+            f"    hf download {name} --local-dir ./{folder}\n"
+            f"    {convert_command('./' + folder)}\n"
+            f"then load ./{folder}-native."
+        )
+    if hub_reached:
+        return (
+            f"The files of {name!r} were read from the Hugging Face Hub, but transformers could "
+            f"not load them as a Florence-2 model: {first_line}"
+        )
     return (
         f"Could not load the Florence-2 model {name!r}: the Hugging Face Hub could not be "
         "reached and there is no local copy.\n"

@@ -24,16 +24,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-FLORENCE_SPECIAL_TOKENS = (
-    ["<od>", "</od>", "<ocr>", "</ocr>"]
-    + [f"<loc_{i}>" for i in range(1000)]
-    + ["<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>", "<grounding>", "</grounding>"]
-    + ["<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>", "<region_to_desciption>"]
-    + ["</region_to_desciption>", "<proposal>", "</proposal>", "<poly>", "</poly>", "<and>"]
-)
-"""The tokens Florence-2 adds to BART's vocabulary, in the original order."""
-
-IMAGE_TOKEN = "<image>"
+from .checkpoints import FLORENCE_SPECIAL_TOKENS, IMAGE_TOKEN
 
 # Prompts the processor writes, and words that answers in the tests and notebooks use.
 _CORPUS = [
@@ -71,11 +62,13 @@ _POST_PROCESSOR_CONFIG: dict[str, Any] = {
 }
 
 
-def build_tiny_tokenizer() -> Any:
+def build_tiny_tokenizer(*, florence_tokens: bool = True) -> Any:
     """A BART-style byte-level BPE tokenizer trained on a small corpus, with Florence-2's tokens.
 
     Ids follow BART's layout: ``<s>`` 0, ``<pad>`` 1, ``</s>`` 2, ``<unk>`` 3, the learned
     vocabulary, ``<mask>``, then Florence-2's special tokens and ``<image>`` last.
+    ``florence_tokens=False`` stops after ``<mask>``: the tokenizer as the original
+    remote-code checkpoints store it (their processor adds the rest at run time).
     """
     from tokenizers import AddedToken, ByteLevelBPETokenizer
     from tokenizers.processors import RobertaProcessing
@@ -90,11 +83,13 @@ def build_tiny_tokenizer() -> Any:
         show_progress=False,
     )
     bpe.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True)])
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    if not florence_tokens:
+        return RobertaTokenizer(tokenizer_object=bpe._tokenizer)
     bpe.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in FLORENCE_SPECIAL_TOKENS]
     )
     bpe.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
     return RobertaTokenizer(
         tokenizer_object=bpe._tokenizer,
         image_token=IMAGE_TOKEN,
