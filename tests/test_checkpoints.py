@@ -49,12 +49,19 @@ def remote_name(native: str) -> str:
     return native
 
 
-def write_remote_checkpoint(native_dir, out):
-    """The tiny model in the original remote-code layout, as microsoft/Florence-2-* stores it."""
+def write_remote_checkpoint(native_dir, out, extra_token=None):
+    """The tiny model in the original remote-code layout, as microsoft/Florence-2-* stores it.
+
+    With ``extra_token``, as a fine-tune that added a token of its own saves it: the tokenizer
+    holds Florence-2's tokens and the extra one, and the weights have a row for it.
+    """
     out.mkdir()
     model = Florence2ForConditionalGeneration.from_pretrained(native_dir)
     tokenizer = build_tiny_tokenizer(florence_tokens=False)
     vocab = len(tokenizer) + len(FLORENCE_SPECIAL_TOKENS)  # the rows the remote model has
+    if extra_token is not None:
+        tokenizer.add_tokens(list(FLORENCE_SPECIAL_TOKENS) + [extra_token], special_tokens=True)
+        vocab += 1  # the tiny model's <image> row stands in for the new token's row
     state = {}
     for name, tensor in model.state_dict().items():
         if name.endswith(EMBEDDINGS):
@@ -198,6 +205,16 @@ def test_a_remote_lora_adapter_converts_too(remote, load_tiny, tmp_path, picture
     torch.testing.assert_close(
         logits(reloaded, picture)[..., :vocab], logits(lora, picture)[..., :vocab]
     )
+
+
+def test_a_fine_tunes_own_token_keeps_its_id(tiny_model_dir, tmp_path, picture):
+    old = write_remote_checkpoint(tiny_model_dir, tmp_path / "old", extra_token="<DocVQA>")
+    vocab = json.loads((old / "config.json").read_text())["vocab_size"]
+    converted = load_model(convert(old, tmp_path / "new"), device="cpu", dtype="float32")
+    tokenizer = converted.processor.tokenizer
+    assert tokenizer.convert_tokens_to_ids("<DocVQA>") == vocab - 1
+    assert tokenizer.convert_tokens_to_ids("<image>") == vocab
+    assert logits(converted, picture, "<DocVQA>What is it?").shape[-1] >= vocab + 1
 
 
 def test_bad_inputs_are_named(remote, tmp_path):
