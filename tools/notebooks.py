@@ -7,9 +7,9 @@
 The public repository URL is written once, in pyproject.toml ([project.urls] Repository).
 ``sync`` derives every Colab badge, every install cell and the README's notebook links from it.
 ``outputs`` executes each notebook (with the tiny offline model unless FLORENCE_MODEL is set),
-keeps the outputs of cells marked ``# NBVAL_CHECK_OUTPUT`` (nbval compares them; they carry the
-execution count 1, since nbval skips cells that look unrun) and clears everything else: model
-outputs, other execution counts, widget state.
+keeps the outputs of cells tagged ``nbval-check-output`` (cell metadata, out of the learner's
+view; nbval compares them; they carry the execution count 1, since nbval skips cells that look
+unrun) and clears everything else: model outputs, other execution counts, widget state.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 README = ROOT / "README.md"
-CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+CHECK_TAG = "nbval-check-output"
 # nbval skips cells that look unrun, so checked cells carry a count; a constant keeps diffs quiet.
 CHECKED_COUNT = 1
 
@@ -81,6 +82,11 @@ def sync(check_only: bool = False) -> list[str]:
     return stale
 
 
+def is_checked(cell: Any) -> bool:
+    """Whether nbval compares this cell's output with the stored one."""
+    return CHECK_TAG in cell.get("metadata", {}).get("tags", [])
+
+
 def policy_problems(path: Path) -> list[str]:
     """What in a notebook breaks the template or the no-stored-output policy."""
     nb = nbformat.read(path, as_version=4)
@@ -110,13 +116,15 @@ def policy_problems(path: Path) -> list[str]:
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
-        checked = CHECK_MARK in cell.source
+        checked = is_checked(cell)
         if cell.get("execution_count") != (CHECKED_COUNT if checked else None):
             problems.append(f"{name}: cell {index} has execution count {cell.execution_count}")
-        if cell.outputs and CHECK_MARK not in cell.source:
-            problems.append(f"{name}: cell {index} stores output but is not {CHECK_MARK}")
-        if CHECK_MARK in cell.source and not cell.outputs:
-            problems.append(f"{name}: cell {index} is {CHECK_MARK} but has no stored output")
+        if cell.outputs and not checked:
+            problems.append(f"{name}: cell {index} stores output but is not tagged {CHECK_TAG}")
+        if checked and not cell.outputs:
+            problems.append(f"{name}: cell {index} is tagged {CHECK_TAG} but stores no output")
+        if "NBVAL" in cell.source:
+            problems.append(f"{name}: cell {index} shows an nbval marker: use the cell tag")
     return problems
 
 
@@ -139,7 +147,7 @@ def refresh_outputs(paths: list[Path]) -> None:
             for cell in nb.cells:
                 if cell.cell_type != "code":
                     continue
-                if CHECK_MARK in cell.source:
+                if is_checked(cell):
                     cell.execution_count = CHECKED_COUNT
                     for output in cell.outputs:
                         if "execution_count" in output:
