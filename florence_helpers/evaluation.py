@@ -47,7 +47,8 @@ class DetectionEvaluation:
     def precision_recall(self, thresholds: Any) -> tuple[np.ndarray, np.ndarray]:
         """Precision and recall at IoU 0.5 when keeping detections with score >= threshold.
 
-        Precision is 1.0 where no detection is kept.
+        Precision is NaN where no detection is kept (0 of 0: undefined, and left out of a
+        plot rather than drawn as a perfect 1.0).
 
         Example:
             >>> evaluation.precision_recall([0.3, 0.5, 0.7])  # doctest: +SKIP
@@ -56,7 +57,7 @@ class DetectionEvaluation:
         kept = self.scores[None, :] >= thresholds[:, None]
         true = (kept & self.matched[None, :]).sum(axis=1)
         count = kept.sum(axis=1)
-        precision = np.where(count > 0, true / np.maximum(count, 1), 1.0)
+        precision = np.where(count > 0, true / np.maximum(count, 1), np.nan)
         recall = true / max(self.num_ground_truth, 1)
         return precision, recall
 

@@ -74,7 +74,8 @@ def test_precision_and_recall_against_the_threshold():
     items = [([0, 0, 451, 300], "cat", 0.8), ([10, 10, 40, 40], "cat", 0.4)]
     evaluation = evaluate_detections(GT, {"cat.jpg": boxes("cat.jpg", items)})
     precision, recall = evaluation.precision_recall([0.3, 0.5, 0.9])
-    assert precision.tolist() == [0.5, 1.0, 1.0]
+    assert precision[:2].tolist() == [0.5, 1.0]
+    assert np.isnan(precision[2])  # no box kept: 0 of 0 is undefined, not perfect
     assert recall.tolist() == [1.0, 1.0, 0.0]  # only the evaluated image's boxes count
 
 
