@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,13 @@ def train(
     prepare = None
     if done < total_steps:
         prepare = _batch_preparer(florence, samples, config, precision, progress)
+    else:
+        warnings.warn(
+            f"Nothing was trained: the checkpoint in {config.checkpoint_dir} already finished "
+            f"these {total_steps} steps, and its weights and history were restored. Pass "
+            "resume=False to train again, or choose another checkpoint_dir.",
+            stacklevel=2,
+        )
     started, seconds_before = time.perf_counter(), history.seconds
     model.train()
     if config.freeze_vision:

@@ -187,6 +187,20 @@ def test_resume_after_an_interruption_gives_the_same_run(load_tiny, shapes, tmp_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_a_finished_checkpoint_says_that_nothing_was_trained(load_tiny, shapes, tmp_path):
+    import warnings
+
+    config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path)
+    first = train(load_tiny(), shapes, config, progress=False)
+    with pytest.warns(UserWarning, match="Nothing was trained.*resume=False"):
+        again = train(load_tiny(), shapes, config, progress=False)
+    assert again.losses == first.losses  # the old history, restored
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = train(load_tiny(), shapes, config, resume=False, progress=False)
+    assert len(fresh.losses) == len(first.losses)
+
+
 def test_a_checkpoint_from_another_model_is_refused(load_tiny, shapes, tmp_path):
     config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path)
     train(load_tiny(), shapes, config, progress=False)
