@@ -2,9 +2,8 @@
 
 A tiny random-weight Florence-2 is built once per session. ``FLORENCE_MODEL`` points at it
 unless you set it yourself, so notebooks executed by nbval (whose kernels inherit this
-process's environment) load it instead of reaching for the hub. ``FLORENCE_CI=1`` tells
-notebooks to pick their small CI settings (the fine-tuning notebook trains the tiny model on a
-few images at a high learning rate).
+process's environment) load it instead of reaching for the hub. The fine-tuning notebooks are
+run by tests/test_notebook_training.py instead, which inserts the tiny model's settings.
 """
 
 import os
@@ -18,9 +17,9 @@ from florence_helpers.testing import build_tiny_model
 
 _TINY_DIR: Path | None = None
 
-# Notebook 08 fine-tunes with settings for a real checkpoint; tests/test_notebook_docvqa.py runs
-# it with the tiny model's settings inserted by the harness instead of nbval running it as is.
-collect_ignore = ["notebooks/08_fine_tuning_document_vqa.ipynb"]
+# The fine-tuning notebooks show settings for a real checkpoint; tests/test_notebook_training.py
+# runs them with the tiny model's settings inserted by the harness, instead of nbval as they are.
+collect_ignore = ["notebooks/06_fine_tuning.ipynb", "notebooks/08_fine_tuning_document_vqa.ipynb"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,7 +27,6 @@ def pytest_configure(config: pytest.Config) -> None:
     _TINY_DIR = Path(tempfile.mkdtemp(prefix="tiny-florence2-"))
     build_tiny_model(_TINY_DIR)
     os.environ.setdefault("FLORENCE_MODEL", str(_TINY_DIR))
-    os.environ.setdefault("FLORENCE_CI", "1")
     # Notebooks draw with matplotlib; never open a window.
     os.environ.setdefault("MPLBACKEND", "Agg")
 

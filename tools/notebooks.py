@@ -137,13 +137,13 @@ def refresh_outputs(paths: list[Path]) -> None:
             from florence_helpers.testing import build_tiny_model
 
             os.environ["FLORENCE_MODEL"] = str(build_tiny_model(tiny))
-            os.environ.setdefault("FLORENCE_CI", "1")  # the tiny model gets the CI settings
         os.environ.setdefault("MPLBACKEND", "Agg")
         for path in (p.resolve() for p in paths):
             nb = nbformat.read(path, as_version=4)
-            NotebookClient(
-                nb, timeout=1200, resources={"metadata": {"path": str(NOTEBOOKS)}}
-            ).execute()
+            if any(is_checked(cell) for cell in nb.cells):  # else there is nothing to keep
+                NotebookClient(
+                    nb, timeout=1200, resources={"metadata": {"path": str(NOTEBOOKS)}}
+                ).execute()
             for cell in nb.cells:
                 if cell.cell_type != "code":
                     continue
