@@ -7,7 +7,9 @@ optional extra: ``pip install "florence-helpers[ray]"``.
 On a cluster, connect first (``ray.init("auto")`` on a node of the cluster, or
 ``ray.init("ray://head:10001")``), put the images and the output folder where every node can
 read and write them (shared storage or ``s3://...``), set ``concurrency`` to the number of
-model copies to run and ``num_gpus=1`` to give each copy a GPU.
+model copies to run and ``num_gpus=1`` to give each copy a GPU. By default each copy gets a GPU
+when the machine that starts the job has one, and loads the model in the same dtype as
+``load_model`` would there, so a local Ray run answers like :func:`label`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ class FlorenceLabeller:
         region: tuple[float, float, float, float] | None = None,
         device: str = "auto",
         run_kwargs: dict[str, Any] | None = None,
+        dtype: str = "auto",
     ) -> None:
         from .model import load_model
 
-        self.florence = load_model(model_id, device=device)
+        self.florence = load_model(model_id, device=device, dtype=dtype)
         self.task = task
         self.text = text
         self.region = region
@@ -75,6 +78,7 @@ def label_with_ray(
     num_gpus: float | None = None,
     output_format: str = "jsonl",
     device: str = "auto",
+    dtype: str = "auto",
     **run_kwargs: Any,
 ) -> Any:
     """Label images with Ray Data: ``map_batches`` over actors that each hold the model.
@@ -87,9 +91,11 @@ def label_with_ray(
         text, region: The task's extra input, the same for every image.
         batch_size: Images per batch given to a worker.
         concurrency: How many model copies (actors) to run.
-        num_gpus: GPUs per actor (e.g. 1 on a GPU cluster); None runs on CPUs.
+        num_gpus: GPUs per actor; None gives each actor one GPU when this machine has CUDA,
+            else none (on a cluster whose head has no GPU, pass 1).
         output_format: ``"jsonl"`` or ``"parquet"``.
         device: Device inside each actor (``"auto"`` picks the GPU Ray assigned).
+        dtype: As for :func:`load_model`; ``"auto"`` picks what it picks on that device.
         **run_kwargs: Passed to :func:`run` (``num_beams``, ``max_new_tokens``, ``scores``).
 
     Returns:
@@ -109,9 +115,13 @@ def label_with_ray(
         ) from None
     if output_format not in ("jsonl", "parquet"):
         raise ValueError(f"output_format must be 'jsonl' or 'parquet', not {output_format!r}")
+    import torch
+
     spec = task_spec(task)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    if num_gpus is None:
+        num_gpus = 1 if torch.cuda.is_available() else 0
     dataset = ray.data.from_items([{"image": str(source)} for source in sources])
     labelled = dataset.map_batches(
         FlorenceLabeller,
@@ -122,10 +132,11 @@ def label_with_ray(
             "region": tuple(region) if region is not None else None,
             "device": device,
             "run_kwargs": run_kwargs,
+            "dtype": dtype,
         },
         batch_size=batch_size,
-        concurrency=concurrency,
-        num_gpus=num_gpus or 0,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus,
     )
     if output_format == "parquet":
         labelled.write_parquet(str(output))
