@@ -123,6 +123,8 @@ def policy_problems(path: Path) -> list[str]:
             problems.append(f"{name}: cell {index} stores output but is not tagged {CHECK_TAG}")
         if checked and not cell.outputs:
             problems.append(f"{name}: cell {index} is tagged {CHECK_TAG} but stores no output")
+        if "execution" in cell.get("metadata", {}):
+            problems.append(f"{name}: cell {index} stores execution timestamps in its metadata")
         if "NBVAL" in cell.source:
             problems.append(f"{name}: cell {index} shows an nbval marker: use the cell tag")
     return problems
@@ -142,7 +144,10 @@ def refresh_outputs(paths: list[Path]) -> None:
             nb = nbformat.read(path, as_version=4)
             if any(is_checked(cell) for cell in nb.cells):  # else there is nothing to keep
                 NotebookClient(
-                    nb, timeout=1200, resources={"metadata": {"path": str(NOTEBOOKS)}}
+                    nb,
+                    timeout=1200,
+                    record_timing=False,  # no timestamps in the cells: quiet diffs
+                    resources={"metadata": {"path": str(NOTEBOOKS)}},
                 ).execute()
             for cell in nb.cells:
                 if cell.cell_type != "code":
