@@ -79,7 +79,7 @@ _BANNED_GROUNDING = [
     "a group",
     "other objects",
 ]
-_POST_PROCESSOR_CONFIG: dict[str, Any] = {
+POST_PROCESSOR_CONFIG: dict[str, Any] = {
     "ocr": {"area_threshold": 0.0},
     "phrase_grounding": {"banned_grounding_tokens": _BANNED_GROUNDING},
     "pure_text": {},
@@ -89,6 +89,7 @@ _POST_PROCESSOR_CONFIG: dict[str, Any] = {
     "bboxes": {},
     "description_with_bboxes_or_polygons": {},
 }
+"""The native processor's parsing rules, one entry per kind of answer it can parse."""
 
 
 class CheckpointError(ValueError):
@@ -336,7 +337,7 @@ def _native_processor(source: Path) -> Any:
     return Florence2Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        post_processor_config=_POST_PROCESSOR_CONFIG,
+        post_processor_config=POST_PROCESSOR_CONFIG,
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .checkpoints import FLORENCE_SPECIAL_TOKENS, IMAGE_TOKEN
+from .checkpoints import FLORENCE_SPECIAL_TOKENS, IMAGE_TOKEN, POST_PROCESSOR_CONFIG
 
 # Prompts the processor writes, and words that answers in the tests and notebooks use.
 _CORPUS = [
@@ -50,15 +50,10 @@ _CORPUS = [
 
 _TINY_IMAGE_SIDE = 128  # pixels the processor resizes to; the vision tower downsamples by 32
 
+# The converter's parsing rules, with the short banned-phrase list the tests were written for.
 _POST_PROCESSOR_CONFIG: dict[str, Any] = {
-    "ocr": {"area_threshold": 0.0},
+    **POST_PROCESSOR_CONFIG,
     "phrase_grounding": {"banned_grounding_tokens": ["the image", "image", "it", "this", "a"]},
-    "pure_text": {},
-    "description_with_bboxes": {},
-    "description_with_polygons": {},
-    "polygons": {},
-    "bboxes": {},
-    "description_with_bboxes_or_polygons": {},
 }
 
 
