@@ -50,6 +50,15 @@ _CORPUS = [
 
 _TINY_IMAGE_SIDE = 128  # pixels the processor resizes to; the vision tower downsamples by 32
 
+# Random weights almost never pick ``</s>``, so an untrained answer would run to
+# ``max_new_tokens`` (1024 by default: seconds per call, minutes per notebook). The tiny model's
+# generation config makes the end of the answer ever likelier after this many tokens
+# (transformers' ``exponential_decay_length_penalty``): noise ends a few tokens later, while
+# shorter answers (every target the tests and notebooks train on is under 50 tokens) and forced
+# answers of any length are left alone.
+TINY_ANSWER_LENGTH = 64
+_EOS_GROWTH_PER_TOKEN = 1.1
+
 # The converter's parsing rules, with the short banned-phrase list the tests were written for.
 _POST_PROCESSOR_CONFIG: dict[str, Any] = {
     **POST_PROCESSOR_CONFIG,
@@ -160,7 +169,9 @@ def build_random_model(
 def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a tiny random-weight Florence-2 (model, tokenizer, processor) to ``path``.
 
-    The same seed gives byte-identical files. Building takes a few seconds on a CPU.
+    The same seed gives byte-identical files. Building takes a few seconds on a CPU. Untrained
+    answers end soon after :data:`TINY_ANSWER_LENGTH` tokens (see the generation config), so
+    running a task takes a fraction of a second instead of writing 1024 tokens of noise.
 
     Args:
         path: Directory to create or overwrite.
@@ -202,6 +213,10 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
             "dropout": 0.0,
         },
         seed=seed,
+    )
+    model.generation_config.exponential_decay_length_penalty = (
+        TINY_ANSWER_LENGTH,
+        _EOS_GROWTH_PER_TOKEN,
     )
     out.mkdir(parents=True, exist_ok=True)
     bars_were_on = hf_logging.is_progress_bar_enabled()

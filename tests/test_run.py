@@ -16,7 +16,7 @@ from florence_helpers import (
     UnknownTaskError,
     run,
 )
-from florence_helpers.testing import answer_token_ids, force_answers
+from florence_helpers.testing import TINY_ANSWER_LENGTH, answer_token_ids, force_answers
 
 
 def loc(*bins: int) -> str:
@@ -201,6 +201,26 @@ def test_unforced_generation_runs_and_parses(florence, photo):
     assert isinstance(result, BoxesResult)
     assert result.boxes.shape[1] == 4
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_tiny_noise_ends_early_but_forced_answers_run_in_full(florence, photo, num_beams):
+    noise = run(florence, photo, "CAPTION", num_beams=num_beams)
+    written = len(florence.processor.tokenizer(noise.raw, add_special_tokens=False)["input_ids"])
+    assert not noise.truncated
+    assert written < TINY_ANSWER_LENGTH + 40  # not the 1024 tokens of max_new_tokens
+
+    # Thirty boxes: 151 tokens, well past the length where the tiny model's noise ends.
+    answer = "".join(f"car{loc(i, i, i + 10, i + 10)}" for i in range(30))
+    result = run(
+        florence,
+        photo,
+        "OD",
+        num_beams=num_beams,
+        logits_processor=force_answers(florence.processor, answer),
+    )
+    assert not result.truncated
+    assert len(result.labels) == 30
 
 
 def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
