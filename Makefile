@@ -15,7 +15,7 @@ SAMPLE ?= images/astronaut.jpg
 TASK ?= OD
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install demo demo-offline test lint format notebooks constraints clean
+.PHONY: install demo demo-offline test test-browser lint format notebooks constraints clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ test: lint
 	$(PY) -m pytest tests florence_helpers notebooks \
 		--doctest-modules --ignore=florence_helpers/__main__.py \
 		--nbval-lax --nbval-current-env
+
+# Only the explorer's browser test: JupyterLab in headless Chromium (Debian's `chromium`
+# package; skipped without it). Screenshots go to .cache/browser-screenshots.
+test-browser: install
+	$(PY) -m pytest tests/test_explorer_browser.py -rs
 
 format: install
 	$(PY) -m ruff format .

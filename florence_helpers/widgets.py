@@ -1,15 +1,52 @@
-"""An interactive explorer: pick an image and a task, run it, see the drawing and the result."""
+"""An interactive explorer: pick an image and a task, draw a region, run, read the result.
+
+:func:`explore` opens a panel built from ipywidgets and jupyter-bbox-widget (the ``explore``
+extra: ``pip install "florence-helpers[explore]"``). The chosen image is
+shown at once; for ``REGION_TO_*`` tasks you draw the region on it with the mouse (or type the
+corners). While a task runs, the Run button is disabled and the panel shows the elapsed time;
+changing any input clears the result that no longer matches it. Mistakes (no text for a task
+that needs some, a region off the image, an unreadable file) are shown in the panel as errors.
+"""
 
 from __future__ import annotations
 
+import html
+import io
 import json
-from collections.abc import Sequence
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .images import ImageSource, load_image
 from .model import FlorenceModel
-from .tasks import TASKS, InputKind, Task, task_spec
+from .tasks import TASKS, InputKind, Task, TaskSpec, task_spec
+
+_REGION_LABEL = "region"
+_INSTALL_HINT = 'pip install "florence-helpers[explore]"'
+
+# What each text task wants in the Text box, said to someone looking at the panel.
+_TEXT_PROMPTS = {
+    Task.CAPTION_TO_PHRASE_GROUNDING: "Type a caption in the Text box (its phrases get boxes).",
+    Task.OPEN_VOCABULARY_DETECTION: "Type what to look for in the Text box, e.g. 'a red car'.",
+    Task.REFERRING_EXPRESSION_SEGMENTATION: "Type a phrase in the Text box, e.g. 'the cat'.",
+}
+_STYLE = """<style>
+.florence-explorer-busy::before { content: ""; display: inline-block; width: 0.9em;
+  height: 0.9em; margin-right: 0.5em; vertical-align: -0.1em; border: 2px solid #90caf9;
+  border-top-color: #1565c0; border-radius: 50%;
+  animation: florence-explorer-spin 0.8s linear infinite; }
+@keyframes florence-explorer-spin { to { transform: rotate(360deg); } }
+.florence-explorer-error { color: #b71c1c; background: #ffebee; border-left: 4px solid #c62828;
+  padding: 4px 8px; }
+.florence-explorer-hint, .florence-explorer-stale { color: #555; }
+.florence-explorer-canvas .classes { display: none; }
+.florence-explorer-json { max-height: 24em; overflow: auto; white-space: pre-wrap;
+  font-size: 12px; margin: 0; }
+</style>"""
 
 
 def _name(source: ImageSource, index: int) -> str:
@@ -18,17 +55,122 @@ def _name(source: ImageSource, index: int) -> str:
     return f"image {index + 1}"
 
 
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _status(kind: str, text: str) -> str:
+    """Status line HTML: kind is "busy", "done", "error", "stale" or "hint"."""
+    return f'<div class="florence-explorer-{kind}">{html.escape(text)}</div>'
+
+
+def _count_labels(labels: Sequence[str], scores: Any) -> str:
+    """'dog ×2 (0.91, 0.40), cat' — labels in order of first appearance, with their scores."""
+    counts = Counter(labels)
+    parts = []
+    for label in dict.fromkeys(labels):
+        shown = html.escape(label) if label else "<i>no label</i>"
+        if counts[label] > 1:
+            shown += f" ×{counts[label]}"
+        if scores is not None:
+            values = [f"{s:.2f}" for s, lab in zip(scores, labels, strict=True) if lab == label]
+            shown += f" ({', '.join(values)})"
+        parts.append(shown)
+    return ", ".join(parts)
+
+
+def summarize(result: Any) -> str:
+    """A short HTML summary of a result: the text, or labels with counts and scores.
+
+    Example:
+        >>> from florence_helpers import TextResult
+        >>> summarize(TextResult("CAPTION", (10, 10), raw="a cat", text="a cat"))
+        '<b>Text:</b> a cat'
+    """
+    from .results import BoxesResult, OCRResult, PolygonsResult, TextResult
+
+    note = " <i>(the answer was cut at max_new_tokens)</i>" if result.truncated else ""
+    if isinstance(result, TextResult):
+        text = html.escape(result.text) if result.text else "<i>empty answer</i>"
+        return f"<b>Text:</b> {text}{note}"
+    if isinstance(result, OCRResult):
+        if not len(result):
+            return f"<b>No text found.</b>{note}"
+        lines = "".join(f"<li>{html.escape(t)}</li>" for t in result.texts)
+        return f"<b>{len(result)} lines of text:</b><ol>{lines}</ol>{note}"
+    if isinstance(result, (BoxesResult, PolygonsResult)):
+        what = "boxes" if isinstance(result, BoxesResult) else "masks"
+        if not len(result):
+            return f"<b>No {what}.</b>{note}"
+        labels = _count_labels(result.labels, result.scores)
+        return f"<b>{len(result)} {what}:</b> {labels}{note}"
+    return html.escape(type(result).__name__)
+
+
+# A pretty-printed array of numbers only: it spans lines (a string's brackets never do).
+_NUMBER_ARRAY = re.compile(r"\[(\s*\n[-+0-9.eE,\s]*)\]")
+
+
+def readable_json(payload: Any) -> str:
+    """JSON indented by object, with each list of numbers (a box, a point) on one line.
+
+    Example:
+        >>> print(readable_json({"boxes": [[1.0, 2.0, 3.0, 4.0]], "labels": ["car"]}))
+        {
+          "boxes": [
+            [1.0, 2.0, 3.0, 4.0]
+          ],
+          "labels": [
+            "car"
+          ]
+        }
+    """
+    text = json.dumps(payload, ensure_ascii=False, indent=2)
+    return _NUMBER_ARRAY.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+
+
+class _Ticker:
+    """Calls ``tick(elapsed_seconds)`` every ``interval`` seconds in a thread until stopped."""
+
+    def __init__(self, tick: Callable[[float], None], interval: float = 0.5) -> None:
+        self._tick = tick
+        self._interval = interval
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._tick(self.elapsed)
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.elapsed
+
+
 class Explorer:
     """An ipywidgets panel around :func:`run`.
 
-    The text box shows only for tasks that take text, the four region fields only for
-    ``REGION_TO_*`` tasks (they start as the whole image). Errors (a region outside the
-    image, missing text) appear in the panel instead of a traceback.
+    The text box shows only for tasks that take text (Enter runs), the region fields and drawing
+    only for ``REGION_TO_*`` tasks; the region starts as the whole image and follows the box you
+    draw. Every change of input clears a result that no longer matches it.
 
     Attributes:
-        image, task, text, region, button, output: The widgets, for scripting or tests.
-        result: The last result, or None.
-        message: The last error shown in the panel, or "".
+        image, task, text, region, canvas, button: The input widgets (``canvas`` is the
+            jupyter-bbox-widget showing the chosen image), for scripting or tests.
+        status, drawing, summary, details: The output widgets: a status line (busy, error,
+            time taken), the drawn result, a summary, and the raw JSON folded away.
+        result: The result shown, or None.
+        message: The error shown in the panel, or "".
+        busy: Whether a run is in progress (clicks on Run are ignored meanwhile).
     """
 
     def __init__(
@@ -41,10 +183,11 @@ class Explorer:
     ) -> None:
         try:
             import ipywidgets as widgets
-        except ImportError:
+            from jupyter_bbox_widget import BBoxWidget
+        except ImportError as error:
             raise ImportError(
-                'explore needs ipywidgets: pip install "florence-helpers[notebooks]" '
-                "(Colab already has it)."
+                f"explore needs ipywidgets and jupyter-bbox-widget ({error.name} is missing): "
+                f"{_INSTALL_HINT}."
             ) from None
         if not images:
             raise ValueError("explore needs at least one image.")
@@ -53,79 +196,278 @@ class Explorer:
         self.images = list(images)
         self.result: Any = None
         self.message = ""
+        self.busy = False
+        self._syncing = False
+        self._size: tuple[int, int] | None = None
+        wide = {"width": "560px"}
+        label_width = {"description_width": "48px"}
+
         names = [_name(source, i) for i, source in enumerate(self.images)]
         self.image = widgets.Dropdown(
-            options=[(name, i) for i, name in enumerate(names)], description="Image"
+            options=[(name, i) for i, name in enumerate(names)],
+            description="Image",
+            layout=wide,
+            style=label_width,
         )
         self.task = widgets.Dropdown(
-            options=[(spec.name, spec.task) for spec in TASKS.values()],
+            options=[(f"{spec.name}: {spec.description}", spec.task) for spec in TASKS.values()],
             value=task_spec(task).task,
             description="Task",
+            layout=wide,
+            style=label_width,
         )
-        self.text = widgets.Text(description="Text", placeholder="a phrase or a caption")
+        self.text = widgets.Text(
+            description="Text",
+            placeholder="type here, then press Enter or Run",
+            layout=wide,
+            style=label_width,
+        )
         self.region = [
-            widgets.FloatText(description=n, layout={"width": "150px"})
+            widgets.FloatText(description=n, layout={"width": "136px"}, style=label_width)
             for n in "x1 y1 x2 y2".split()
         ]
-        self.region_box = widgets.HBox(self.region)
+        self.region_hint = widgets.HTML(
+            _status("hint", "Drag on the image to draw the region, or type its corners (pixels).")
+        )
+        self.region_box = widgets.VBox([self.region_hint, widgets.HBox(self.region)])
+        self.canvas = BBoxWidget(
+            classes=[_REGION_LABEL],
+            label=_REGION_LABEL,
+            hide_buttons=True,
+            view_only=True,
+            layout={"width": "560px"},
+        )
         self.button = widgets.Button(description="Run", button_style="primary", icon="play")
-        self.output = widgets.Output()
+        self.status = widgets.HTML()
+        self.drawing = widgets.Image(format="png", layout={"width": "560px", "display": "none"})
+        self.summary = widgets.HTML()
+        self.raw_json = widgets.HTML()
+        self.details = widgets.Accordion(children=[self.raw_json], titles=("Result as JSON",))
+        self.details.selected_index = None
+        self.details.layout.display = "none"
         self.widget = widgets.VBox(
             [
-                widgets.HBox([self.image, self.task]),
+                widgets.HTML(_STYLE),
+                self.image,
+                self.task,
                 self.text,
                 self.region_box,
-                self.button,
-                self.output,
-            ]
+                self.canvas,
+                widgets.HBox([self.button, self.status]),
+                self.drawing,
+                self.summary,
+                self.details,
+            ],
+            layout={"width": "600px"},
         )
-        self.task.observe(lambda _: self._update_inputs(), names="value")
-        self.image.observe(lambda _: self._reset_region(), names="value")
-        self.button.on_click(lambda _: self.run())
-        self._reset_region()
-        self._update_inputs()
+        self.widget.add_class("florence-explorer")
+        for widget, name in [
+            (self.canvas, "canvas"),
+            (self.region_box, "region"),
+            (self.drawing, "drawing"),
+            (self.summary, "summary"),
+        ]:
+            widget.add_class(f"florence-explorer-{name}")
 
-    def _update_inputs(self) -> None:
-        kind = TASKS[self.task.value].input
+        self.image.observe(lambda _: self._show_image(), names="value")
+        self.task.observe(lambda _: self._task_changed(), names="value")
+        self.text.observe(lambda _: self._clear_result(), names="value")
+        for field in self.region:
+            field.observe(lambda _: self._region_typed(), names="value")
+        self.canvas.observe(lambda _: self._region_drawn(), names="bboxes")
+        self.text.on_msg(self._text_message)
+        self.button.on_click(lambda _: self.run())
+        self._show_image()
+        self._task_changed()
+
+    # Inputs ------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> TaskSpec:
+        """The selected task."""
+        return TASKS[self.task.value]
+
+    def _task_changed(self) -> None:
+        kind = self.spec.input
         self.text.layout.display = None if kind is InputKind.TEXT else "none"
         self.region_box.layout.display = None if kind is InputKind.REGION else "none"
+        self.canvas.view_only = kind is not InputKind.REGION
+        self._sync_canvas()
+        self._clear_result()
 
-    def _reset_region(self) -> None:
-        width, height = load_image(self.images[self.image.value]).size
-        for widget, value in zip(self.region, (0, 0, width, height), strict=True):
-            widget.value = value
+    def _show_image(self) -> None:
+        """Show the chosen image at once, with no region drawn on it yet."""
+        self._clear_result()
+        source = self.images[self.image.value]
+        try:
+            picture = load_image(source)
+        except ValueError as error:  # ImageLoadError: missing, unreadable, not an image
+            self._size = None
+            self.canvas.image_bytes = b""
+            self._set_region((0, 0, 0, 0))
+            self._error(str(error))
+            return
+        self._size = picture.size
+        self.canvas.image_bytes = _png(picture)
+        self._set_region((0, 0, 0, 0))
 
-    def run(self) -> Any:
-        """Run the selected task on the selected image and show the result in the panel."""
+    def _set_region(self, box: Sequence[float], *, draw: bool = True) -> None:
+        """Put ``box`` in the corner fields and, unless it came from the drawing, draw it."""
+        self._syncing = True
+        try:
+            for field, value in zip(self.region, box, strict=True):
+                field.value = float(value)
+        finally:
+            self._syncing = False
+        if draw:
+            self._sync_canvas()
+
+    def _sync_canvas(self) -> None:
+        """Draw the typed region on the image (region tasks only, once it is a box)."""
+        x1, y1, x2, y2 = (field.value for field in self.region)
+        wanted = []
+        if self.spec.input is InputKind.REGION and self._size is not None and x1 < x2 and y1 < y2:
+            box = {"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1}
+            wanted = [{**box, "label": _REGION_LABEL}]
+        if self.canvas.bboxes != wanted:
+            self._syncing = True
+            try:
+                self.canvas.bboxes = wanted
+            finally:
+                self._syncing = False
+
+    def _region_typed(self) -> None:
+        if self._syncing:
+            return
+        self._clear_result()
+        self._sync_canvas()
+
+    def _region_drawn(self) -> None:
+        """Keep one box (the newest), inside the image, and copy its corners into the fields."""
+        if self._syncing:
+            return
+        boxes = self.canvas.bboxes
+        self._clear_result()
+        if not boxes or self._size is None:  # deleted on the image
+            self._set_region((0, 0, 0, 0), draw=False)
+            return
+        box = boxes[-1]
+        width, height = self._size
+        x1, y1 = float(box["x"]), float(box["y"])
+        x2, y2 = x1 + float(box["width"]), y1 + float(box["height"])
+        x1, x2 = sorted(round(min(max(x, 0.0), width)) for x in (x1, x2))
+        y1, y2 = sorted(round(min(max(y, 0.0), height)) for y in (y1, y2))
+        # While the mouse is still down the box may have no size yet: leave the drawing alone.
+        self._set_region((x1, y1, x2, y2), draw=len(boxes) > 1 or (x1 < x2 and y1 < y2))
+
+    def _text_message(self, _widget: Any, content: dict[str, Any], _buffers: Any) -> None:
+        if content.get("event") == "submit":  # Enter in the text box
+            self.run()
+
+    def _check_inputs(self) -> str:
+        """What is wrong with the inputs, worded for the panel; "" when nothing is."""
+        spec = self.spec
+        if self._size is None:
+            return ""  # run() names the unreadable image
+        if spec.input is InputKind.TEXT and not self.text.value.strip():
+            return _TEXT_PROMPTS.get(spec.task, "Type a phrase in the Text box.")
+        if spec.input is InputKind.REGION:
+            from .regions import RegionError, check_box
+
+            x1, y1, x2, y2 = (field.value for field in self.region)
+            if not (x1 < x2 and y1 < y2):
+                return "Draw the region on the image (drag with the mouse), or type its corners."
+            try:
+                check_box([field.value for field in self.region], self._size)
+            except RegionError as error:
+                return f"Draw the region on the image or correct its corners. {error}"
+        return ""
+
+    # Outputs -----------------------------------------------------------------------------
+
+    def _clear_result(self) -> None:
+        had_result = self.result is not None
+        self.result = None
+        self.message = ""
+        self.drawing.layout.display = "none"
+        self.drawing.value = b""
+        self.summary.value = ""
+        self.raw_json.value = ""
+        self.details.layout.display = "none"
+        if had_result:
+            self.status.value = _status("stale", "Inputs changed: press Run for a new result.")
+        elif not self.busy:
+            self.status.value = ""
+
+    def _error(self, message: str) -> None:
+        self.message = message
+        self.status.value = _status("error", message)
+
+    def _show_result(self, source: ImageSource, result: Any, region: Any, seconds: float) -> None:
         import matplotlib.pyplot as plt
-        from IPython.display import display
 
-        from .inference import run
         from .plotting import plot_result
 
-        spec = TASKS[self.task.value]
-        source = self.images[self.image.value]
-        text = self.text.value if spec.input is InputKind.TEXT else None
-        region = [w.value for w in self.region] if spec.input is InputKind.REGION else None
-        self.output.clear_output()
-        self.message = ""
-        with self.output:
-            try:
-                self.result = run(
-                    self.florence, source, spec, text=text, region=region, **self.run_kwargs
-                )
-            except ValueError as error:  # every input error of run() is a ValueError
-                self.message = f"error: {error}"
-                print(self.message)
-                return None
-            fig, ax = plt.subplots(figsize=(7, 7))
-            plot_result(source, self.result, ax, region=region)
-            display(fig)
+        fig, ax = plt.subplots(figsize=(7, 7))
+        try:
+            plot_result(source, result, ax, region=region)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", bbox_inches="tight", dpi=80)
+        finally:
             plt.close(fig)
-            payload = self.result.to_dict()
-            payload.pop("raw")
-            print(json.dumps(payload, ensure_ascii=False)[:2000])
-        return self.result
+        self.result = result
+        self.drawing.value = buffer.getvalue()
+        self.drawing.layout.display = None
+        self.summary.value = summarize(result)
+        payload = readable_json(result.to_dict())
+        self.raw_json.value = f'<pre class="florence-explorer-json">{html.escape(payload)}</pre>'
+        self.details.layout.display = None
+        self.status.value = _status("done", f"{self.spec.name} took {seconds:.1f} s.")
+
+    # Running -----------------------------------------------------------------------------
+
+    def run(self) -> Any:
+        """Run the selected task on the selected image and show the result in the panel.
+
+        Returns:
+            The result, or None when the inputs were wrong (the panel says why) or a run is
+            already in progress.
+        """
+        if self.busy:
+            return None
+        from .inference import run
+
+        spec = self.spec
+        self.result = None
+        self._clear_result()
+        problem = self._check_inputs()
+        if problem:
+            self._error(problem)
+            return None
+        source = self.images[self.image.value]
+        text = self.text.value.strip() if spec.input is InputKind.TEXT else None
+        region = [field.value for field in self.region] if spec.input is InputKind.REGION else None
+        doing = f"Running {spec.name} on {self.image.label}…"
+        self.busy = True
+        self.button.disabled = True
+        self.status.value = _status("busy", doing)
+        ticker = _Ticker(
+            lambda s: setattr(self.status, "value", _status("busy", f"{doing} {s:.0f} s"))
+        )
+        failure = ""
+        try:
+            result = run(self.florence, source, spec, text=text, region=region, **self.run_kwargs)
+        except ValueError as error:  # every input error of run() is a ValueError
+            failure = str(error)
+        finally:
+            seconds = ticker.stop()
+            self.busy = False
+            self.button.disabled = False
+        if failure:
+            self._error(failure)
+            return None
+        self._show_result(source, result, region, seconds)
+        return result
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -133,8 +475,18 @@ class Explorer:
         display(self.widget)
 
 
+def _enable_colab_widgets() -> None:
+    """Colab shows the widgets of other packages (the box drawing) only once this is enabled."""
+    import sys
+
+    if "google.colab" in sys.modules:
+        from google.colab import output  # type: ignore[import-not-found]
+
+        output.enable_custom_widget_manager()
+
+
 def explore(florence: FlorenceModel, images: Sequence[ImageSource], **run_kwargs: Any) -> Explorer:
-    """Open an interactive panel: choose an image and a task, give text or a region, run.
+    """Open an interactive panel: choose an image and a task, give text or draw a region, run.
 
     Args:
         florence: What :func:`load_model` returned.
@@ -147,4 +499,6 @@ def explore(florence: FlorenceModel, images: Sequence[ImageSource], **run_kwargs
     Example:
         >>> explore(florence, sorted(Path("images").glob("*.jpg")))  # doctest: +SKIP
     """
-    return Explorer(florence, images, **run_kwargs)
+    panel = Explorer(florence, images, **run_kwargs)
+    _enable_colab_widgets()
+    return panel
