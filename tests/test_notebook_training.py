@@ -16,11 +16,22 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def executed(path: Path, folder: Path, settings: str, after: dict[str, str], report: str):
+def executed(
+    path: Path,
+    folder: Path,
+    settings: str,
+    after: dict[str, str],
+    report: str,
+    edits: dict[str, str] | None = None,
+):
     """Run the notebook in ``folder`` with ``settings`` after its parameters cell and each
-    ``after`` cell inserted after the first cell containing its key; ``report`` runs last."""
+    ``after`` cell inserted after the first cell containing its key; ``report`` runs last.
+    ``edits`` replaces text in the one cell that holds it, as a learner doing an exercise would."""
     notebook = nbformat.read(path, as_version=4)
     cells = notebook.cells
+    for old, new in (edits or {}).items():
+        (cell,) = [c for c in cells if old in c.source]
+        cell.source = cell.source.replace(old, new)
     index = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
     cells.insert(index + 1, nbformat.v4.new_code_cell(settings))
     for marker, source in after.items():
@@ -44,6 +55,43 @@ def test_the_coco_fine_tuning_notebook_learns_its_images_by_heart(tmp_path):
     )
     assert report["drop"] >= 0.9
     assert report["after"] == 1.0 > report["before"]
+
+
+def test_the_exercises_of_the_coco_notebook_start_from_it_in_the_same_folder(tmp_path):
+    """Each exercise of 06 as a learner does it, one after the other in one folder: before
+    training started afresh by default, the second of these stopped at the old checkpoint."""
+    from florence_helpers.sample_data import make_shapes_dataset
+
+    memorise = {"dataset.split(": "train_set = val_set = dataset"}
+    report = (
+        '{"steps": len(history.losses), "task": str(train_set[0].task), "samples": len(dataset),'
+        ' "trainable": trainable, "metrics": sorted(after.summary())}'
+    )
+    run = {
+        "path": NOTEBOOKS / "06_fine_tuning.ipynb",
+        "folder": tmp_path,
+        "after": memorise,
+        "report": report,
+    }
+    # Exercises 2 and 3: fewer epochs, a smaller LoRA rank.
+    small = executed(**run, settings="NUM_IMAGES = 4\nEPOCHS = 2", edits={"rank=16": "rank=4"})
+    assert small["steps"] == 2  # one step per epoch: 4 images, batch size 4
+    assert "mAP@.5" in small["metrics"]
+    # Exercises 1, 2 and 3 again: one open-vocabulary prompt per category, more epochs, rank 32.
+    per_class = executed(
+        **run,
+        settings="NUM_IMAGES = 4\nEPOCHS = 5",
+        edits={
+            'on_error="skip")': 'on_error="skip", task="OPEN_VOCABULARY_DETECTION")',
+            "rank=16": "rank=32",
+        },
+    )
+    assert per_class["task"] == "<OPEN_VOCABULARY_DETECTION>" and per_class["steps"] >= 5
+    assert small["trainable"] < per_class["trainable"]
+    # Exercise 4: a COCO export of your own.
+    export = make_shapes_dataset(tmp_path / "my_export", num_images=6, seed=3)
+    own = executed(**run, settings=f"COCO_FILE = {str(export)!r}\nEPOCHS = 2")
+    assert own["samples"] == 6 and own["steps"] == 4  # 6 images in batches of 4
 
 
 def test_the_document_vqa_notebook_runs_twice_and_learns_by_heart(tmp_path):
