@@ -10,6 +10,8 @@ TORCH ?= torch==2.13.0
 # The versions CI tested. To test against the newest releases instead, in a venv of its own:
 # `make test VENV=.venv-newest CONSTRAINTS=`.
 CONSTRAINTS ?= constraints.txt
+# What the notebooks' Colab install cells pin (constraints-colab.txt), out of constraints.txt.
+COLAB_PINNED := transformers|tokenizers|huggingface[-_]hub|safetensors|peft|rapidfuzz|jupyter[-_]bbox[-_]widget|anywidget
 TINY_MODEL := .cache/tiny-florence2
 SAMPLE ?= images/astronaut.jpg
 TASK ?= OD
@@ -75,6 +77,9 @@ constraints: install
 	@{ echo "# The exact versions CI last tested (torch is installed separately: see TORCH in the Makefile)."; \
 	   echo "# make install uses them; regenerate after a green run against newer releases: make constraints"; \
 	   $(PY) -m pip freeze --exclude-editable | grep -v -i -E "^(torch|florence-helpers)[=@ ]"; } > constraints.txt
+	@{ echo "# Tested versions the Colab install cells hold to (-c): the libraries whose behaviour the helpers"; \
+	   echo "# depend on. Colab's own torch, numpy, pillow and matplotlib stay as they are. Written by make constraints."; \
+	   grep -i -E "^($(COLAB_PINNED))==" constraints.txt; } > constraints-colab.txt
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache demo.png

@@ -56,3 +56,17 @@ def test_policy_catches_a_stored_model_output(tmp_path):
     copy = tmp_path / NOTEBOOKS[0].name
     nbformat.write(nb, copy)
     assert any("stores output" in problem for problem in tool.policy_problems(copy))
+
+
+def test_colab_pins_are_the_tested_versions():
+    """constraints-colab.txt is a subset of constraints.txt that pins transformers."""
+    root = Path(__file__).resolve().parents[1]
+
+    def pins(name):
+        lines = (root / name).read_text().splitlines()
+        return {line for line in lines if line and not line.startswith("#")}
+
+    colab = pins("constraints-colab.txt")
+    assert colab <= pins("constraints.txt")
+    assert any(line.startswith("transformers==") for line in colab)
+    assert not any(line.lower().startswith(("torch==", "numpy==", "pillow==")) for line in colab)

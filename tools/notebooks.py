@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 README = ROOT / "README.md"
 CHECK_TAG = "nbval-check-output"
+# The Colab install cells' pins: the tested versions of transformers and its neighbours.
+COLAB_CONSTRAINTS = "-c constraints-colab.txt"
 # nbval skips cells that look unrun, so checked cells carry a count; a constant keeps diffs quiet.
 CHECKED_COUNT = 1
 
@@ -105,6 +107,8 @@ def policy_problems(path: Path) -> list[str]:
     install = [c for c in nb.cells if c.cell_type == "code" and "pip install" in c.source]
     if not install or 'if "google.colab" in sys.modules:' not in install[0].source:
         problems.append(f"{name}: the install cell must run only inside Colab")
+    if install and COLAB_CONSTRAINTS not in install[0].source:
+        problems.append(f"{name}: the install cell must pin tested versions: {COLAB_CONSTRAINTS}")
     if any("torch" in c.source.split("pip install", 1)[1] for c in install):
         problems.append(f"{name}: the install cell must not (re)install torch")
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
