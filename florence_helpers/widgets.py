@@ -160,8 +160,9 @@ class Explorer:
     """An ipywidgets panel around :func:`run`.
 
     The text box shows only for tasks that take text (Enter runs), the region fields and drawing
-    only for ``REGION_TO_*`` tasks; the region starts as the whole image and follows the box you
-    draw. Every change of input clears a result that no longer matches it.
+    only for ``REGION_TO_*`` tasks; the region starts empty (drag a box on the image, or type
+    its corners) and the drawn box and the corner fields follow each other. Every change of
+    input clears a result that no longer matches it.
 
     Attributes:
         image, task, text, region, canvas, button: The input widgets (``canvas`` is the
