@@ -4,11 +4,14 @@ nbval runs every notebook once. Here each one that nbval runs is executed twice 
 the repository's ``notebooks/`` and ``images/`` folders (so files written by the first run, such
 as 07's labelling output, are there for the second), and every output of the second run must
 equal the first's, apart from what is measured afresh: times, rates, and progress bars.
+Different notebooks run at the same time, each in its own kernel.
 The fine-tuning notebooks are run twice by tests/test_notebook_training.py.
 """
 
 import re
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nbformat
@@ -51,29 +54,40 @@ def _shown(notebook) -> list[str]:
     return cells
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A copy of the notebooks and sample images, as a learner's checkout would have them."""
-    root = tmp_path_factory.mktemp("checkout")
-    shutil.copytree(ROOT / "images", root / "images")
-    (root / "notebooks").mkdir()
-    for name in RERUN:
-        shutil.copy(ROOT / "notebooks" / name, root / "notebooks" / name)
-    return root / "notebooks"
-
-
-@pytest.mark.parametrize("name", RERUN)
-def test_a_second_run_in_the_same_folder_shows_the_same_results(workspace, name):
+def _run_twice(folder: Path, name: str) -> list[list[str]]:
     runs = []
     for _ in range(2):
-        notebook = nbformat.read(workspace / name, as_version=4)
+        notebook = nbformat.read(folder / name, as_version=4)
         NotebookClient(
             notebook,
             timeout=600,
             kernel_name="python3",
-            resources={"metadata": {"path": str(workspace)}},
+            resources={"metadata": {"path": str(folder)}},
         ).execute()
         runs.append(_shown(notebook))
-    first, second = runs
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reruns(tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """Each notebook run twice in one copy of the checkout, three notebooks at a time.
+
+    Every notebook has a kernel of its own, and most of a run is starting it and importing
+    torch, so runs of different notebooks overlap well even on two cores.
+    """
+    root = tmp_path_factory.mktemp("checkout")
+    shutil.copytree(ROOT / "images", root / "images")
+    folder = root / "notebooks"
+    folder.mkdir()
+    for name in RERUN:
+        shutil.copy(ROOT / "notebooks" / name, folder / name)
+    pool = ThreadPoolExecutor(max_workers=3)
+    yield {name: pool.submit(_run_twice, folder, name) for name in RERUN}
+    pool.shutdown(cancel_futures=True)
+
+
+@pytest.mark.parametrize("name", RERUN)
+def test_a_second_run_in_the_same_folder_shows_the_same_results(reruns, name):
+    first, second = reruns[name].result()
     for index, (before, after) in enumerate(zip(first, second, strict=True)):
         assert after == before, f"{name}, code cell {index}: the second run shows other output"
