@@ -299,18 +299,16 @@ class Explorer:
     def _show_image(self) -> None:
         """Show the chosen image at once, with no region drawn on it yet."""
         self._clear_result()
-        source = self.images[self.image.value]
+        self._set_region((0, 0, 0, 0))
         try:
-            picture = load_image(source)
+            picture = load_image(self.images[self.image.value])
         except ValueError as error:  # ImageLoadError: missing, unreadable, not an image
             self._size = None
             self.canvas.image_bytes = b""
-            self._set_region((0, 0, 0, 0))
             self._error(str(error))
             return
         self._size = picture.size
         self.canvas.image_bytes = _png(picture)
-        self._set_region((0, 0, 0, 0))
 
     def _set_region(self, box: Sequence[float], *, draw: bool = True) -> None:
         """Put ``box`` in the corner fields and, unless it came from the drawing, draw it."""
