@@ -76,7 +76,9 @@ def run(
             images or one per image.
         num_beams: Beam search width (3 as in Microsoft's examples; 1 is greedy and faster).
         max_new_tokens: Longest answer, in tokens. An answer cut off here is still parsed:
-            the result holds what parsed cleanly and ``truncated`` is True.
+            the result holds what parsed cleanly and ``truncated`` is True (also for an answer
+            that ends exactly at the limit: the checkpoint's forced EOS makes the two look
+            the same).
         batch_size: Images per ``generate`` call.
         progress: Show a progress bar over batches; by default only when there are several.
         scores: Attach confidences computed from the model's token probabilities: one per
@@ -128,7 +130,7 @@ def run(
             sizes = [loaded[i].size for i in indices]
             for i, result in zip(
                 indices,
-                _parse(florence, sequences, logprobs, [spec] * len(indices), sizes),
+                _parse(florence, sequences, logprobs, [spec] * len(indices), sizes, max_new_tokens),
                 strict=True,
             ):
                 results[i] = result
@@ -226,7 +228,12 @@ def run_tasks(
         kwargs = for_rows(generate_kwargs, rows)
         sequences, logprobs = generate(florence, inputs, scores, fast_beams=fast_beams, **kwargs)
         parsed = _parse(
-            florence, sequences, logprobs, [specs[i] for i in rows], [picture.size] * len(rows)
+            florence,
+            sequences,
+            logprobs,
+            [specs[i] for i in rows],
+            [picture.size] * len(rows),
+            max_new_tokens,
         )
         for i, result in zip(rows, parsed, strict=True):
             results[i] = result
@@ -247,17 +254,20 @@ def _parse(
     logprobs: np.ndarray | None,
     specs: list[TaskSpec],
     sizes: list[tuple[int, int]],
+    max_new_tokens: int,
 ) -> list[AnyResult]:
     processor = florence.processor
     eos_id = florence.model.generation_config.eos_token_id
     eos = set(eos_id if isinstance(eos_id, list) else [eos_id])
     results = []
     for index, (row, spec, size) in enumerate(zip(sequences.tolist(), specs, sizes, strict=True)):
-        # Position 0 is the decoder start token; an answer without EOS after it was cut off.
+        # Position 0 is the decoder start token; an answer without EOS after it was cut off,
+        # and so was one that used every token it was allowed: with Microsoft's
+        # forced_eos_token_id the last of them is always EOS.
         length = scored_ids(row, eos)
         answer = row[: length + 1]
         raw = processor.decode(answer, skip_special_tokens=False)
-        truncated = answer[-1] not in eos or length == 0
+        truncated = answer[-1] not in eos or length == 0 or length >= max_new_tokens
         result = parse_answer(processor, raw, spec, size, truncated=truncated)
         if logprobs is not None:
             result = attach_scores(result, processor, answer[1:], logprobs[index, :length], spec)

@@ -24,7 +24,12 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .checkpoints import FLORENCE_SPECIAL_TOKENS, IMAGE_TOKEN, POST_PROCESSOR_CONFIG
+from .checkpoints import (
+    FLORENCE_SPECIAL_TOKENS,
+    IMAGE_TOKEN,
+    MICROSOFT_GENERATION_SETTINGS,
+    POST_PROCESSOR_CONFIG,
+)
 
 # Prompts the processor writes, and words that answers in the tests and notebooks use.
 _CORPUS = [
@@ -58,12 +63,6 @@ _TINY_IMAGE_SIDE = 128  # pixels the processor resizes to; the vision tower down
 # answers of any length are left alone.
 TINY_ANSWER_LENGTH = 64
 _EOS_GROWTH_PER_TOKEN = 1.1
-
-# The converter's parsing rules, with the short banned-phrase list the tests were written for.
-_POST_PROCESSOR_CONFIG: dict[str, Any] = {
-    **POST_PROCESSOR_CONFIG,
-    "phrase_grounding": {"banned_grounding_tokens": ["the image", "image", "it", "this", "a"]},
-}
 
 
 def build_tiny_tokenizer(*, florence_tokens: bool = True) -> Any:
@@ -119,7 +118,7 @@ def build_processor(image_side: int = 768) -> Any:
     return Florence2Processor(
         image_processor=image_processor,
         tokenizer=build_tiny_tokenizer(),
-        post_processor_config=_POST_PROCESSOR_CONFIG,
+        post_processor_config=POST_PROCESSOR_CONFIG,
     )
 
 
@@ -214,6 +213,9 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
         },
         seed=seed,
     )
+    # Decode as Microsoft's checkpoints do, so every test runs under the real settings.
+    for name, value in MICROSOFT_GENERATION_SETTINGS.items():
+        setattr(model.generation_config, name, value)
     model.generation_config.exponential_decay_length_penalty = (
         TINY_ANSWER_LENGTH,
         _EOS_GROWTH_PER_TOKEN,

@@ -151,17 +151,26 @@ class TrainingSet:
 
 
 def detection_target(labels: Sequence[str], boxes: Sequence[Box], image_size: Sequence[int]) -> str:
-    """Write labelled boxes as a Florence-2 detection answer, in reading order.
+    """Write labelled boxes as a Florence-2 detection answer: each label once, then its boxes.
 
-    Boxes are sorted top to bottom, then left to right, so that the same objects always give
-    the same target.
+    Boxes are taken in reading order (top to bottom, then left to right), so the same objects
+    always give the same target; a label comes where its first box does, followed by all of its
+    boxes. That is the grammar's grouped form, and the one Florence-2's own generation settings
+    can write back: under ``no_repeat_ngram_size=3`` (Microsoft's checkpoints) a label of three
+    or more tokens, such as "traffic light", could not be written a second time.
 
     Example:
         >>> detection_target(["dog", "cat"], [(50, 50, 90, 90), (0, 0, 40, 40)], (100, 100))
         'cat<loc_0><loc_0><loc_400><loc_400>dog<loc_500><loc_500><loc_900><loc_900>'
+        >>> detection_target(["cat", "dog", "cat"], [(0, 0, 9, 9), (20, 0, 29, 9), (0, 50, 9, 59)],
+        ...                  (100, 100))  # doctest: +NORMALIZE_WHITESPACE
+        'cat<loc_0><loc_0><loc_90><loc_90><loc_0><loc_500><loc_90><loc_590>dog<loc_200><loc_0><loc_290><loc_90>'
     """
     pairs = sorted(zip(labels, boxes, strict=True), key=lambda pair: (pair[1][1], pair[1][0]))
-    return "".join(label + box_to_loc_tokens(box, image_size) for label, box in pairs)
+    groups: dict[str, list[str]] = {}
+    for label, box in pairs:
+        groups.setdefault(label, []).append(box_to_loc_tokens(box, image_size))
+    return "".join(label + "".join(locs) for label, locs in groups.items())
 
 
 def grounding_target(phrase: str, boxes: Sequence[Box], image_size: Sequence[int]) -> str:

@@ -89,10 +89,10 @@ def test_an_image_the_model_fails_on_becomes_an_error_record(
 
     parse = inference._parse
 
-    def fails_on_the_cat(florence, sequences, logprobs, specs, sizes):
+    def fails_on_the_cat(florence, sequences, logprobs, specs, sizes, *rest):
         if (451, 300) in sizes:  # cat.jpg
             raise RuntimeError("the parser broke")
-        return parse(florence, sequences, logprobs, specs, sizes)
+        return parse(florence, sequences, logprobs, specs, sizes, *rest)
 
     monkeypatch.setattr(inference, "_parse", fails_on_the_cat)
     out = tmp_path / "labels.jsonl"

@@ -144,10 +144,14 @@ def test_evaluate_samples_scores_text_answers(florence, receipts):
 def test_lora_learns_the_receipt_questions_by_heart(load_tiny, tmp_path, seed):
     data = read_qa(make_receipts(tmp_path, num_images=4, seed=seed))
     lora = add_lora(load_tiny(), **LORA, seed=seed)
-    before = evaluate_samples(lora, data, num_beams=1, max_new_tokens=20)
+    # Free text may repeat three tokens (the tiny tokenizer spells 2026-06-08 digit by digit:
+    # "-0" twice), which the checkpoint's no_repeat_ngram_size=3 forbids: turned off here, as
+    # notebook 08 and the README say to for free-text answers.
+    settings = {"num_beams": 1, "max_new_tokens": 20, "no_repeat_ngram_size": 0}
+    before = evaluate_samples(lora, data, **settings)
     config = TrainingConfig(**LEARNS, cache_image_features=True, seed=seed)
     history = train(lora, data, config, progress=False)
-    after = evaluate_samples(lora, data, num_beams=1, max_new_tokens=20)
+    after = evaluate_samples(lora, data, **settings)
     assert np.isfinite(history.losses).all()
     assert after.exact_match == 1.0 > before.exact_match
     assert after.anls == 1.0 and after.cer == 0.0
