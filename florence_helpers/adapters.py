@@ -102,11 +102,92 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    if not (Path(path) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"No LoRA adapter in {path}: adapter_config.json is missing.")
-    with _quiet_peft():
-        model = PeftModel.from_pretrained(florence.model, path, is_trainable=trainable)
+    folder = Path(path).expanduser()
+    weights = _check_adapter_folder(folder)
+    try:
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(florence.model, str(folder), is_trainable=trainable)
+    except Exception as error:  # noqa: BLE001 - named for the user below
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "size mismatch" in str(error):
+            raise AdapterError(
+                f"The adapter in {folder} does not fit this model: {first}. It was trained on "
+                "another base checkpoint (or, for a remote-code one, needs `python -m "
+                "florence_helpers convert` first)."
+            ) from None
+        raise AdapterError(f"Could not load the adapter in {folder}: {first}") from error
+    _check_all_weights_used(model, weights, folder)
     return dataclasses.replace(florence, model=model.eval())
+
+
+class AdapterError(ValueError):
+    """Raised for a folder that does not hold a LoRA adapter this model can take."""
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict.
+
+    Raises:
+        FileNotFoundError: There is none.
+        AdapterError: It is not JSON, or not a JSON object.
+    """
+    import json
+
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No LoRA adapter in {folder}: adapter_config.json is missing.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{config_path} is not valid JSON ({error}).") from None
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an adapter configuration."
+        )
+    return config
+
+
+def _check_adapter_folder(folder: Path) -> Path:
+    """Check the adapter's files before peft reads them; the weight file's path."""
+    config_path = folder / "adapter_config.json"
+    config = read_adapter_config(folder)
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(
+            f"{config_path} describes a {kind!r} adapter; this package loads LoRA adapters "
+            "(peft_type 'LORA')."
+        )
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{config_path}: the rank r must be a whole number of at least 1.")
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterError(
+        f"{folder} has an adapter_config.json but no weights (adapter_model.safetensors)."
+    )
+
+
+def _check_all_weights_used(model: Any, weights: Path, folder: Path) -> None:
+    """Refuse an adapter whose saved weights found no module to go to: peft drops them."""
+    from peft.utils import get_peft_model_state_dict
+
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as handle:
+            saved = set(handle.keys())
+    else:
+        saved = set(torch.load(weights, map_location="cpu", weights_only=True))
+    loaded = set(get_peft_model_state_dict(model))
+    unused = sorted(saved - loaded)
+    if unused:
+        raise AdapterError(
+            f"{len(unused)} weights of the adapter in {folder} match no module of this model "
+            f"and would be dropped, e.g. {', '.join(unused[:4])}. The adapter was made for "
+            "another model layout: a remote-code Florence-2 adapter needs `python -m "
+            "florence_helpers convert` first."
+        )
 
 
 def merge_adapter(florence: FlorenceModel) -> FlorenceModel:

@@ -362,16 +362,16 @@ def _pattern_key(pattern: Mapping[str, Any], module: str) -> str | None:
 
 
 def _read_adapter_config(source: Path) -> dict[str, Any]:
-    path = source / "adapter_config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{source} holds no adapter: there is no adapter_config.json.")
+    from .adapters import AdapterError, read_adapter_config
+
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} holds a {type(config).__name__}, not an adapter config.")
-    return config
+        return read_adapter_config(source)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{source} holds no adapter: there is no adapter_config.json."
+        ) from None
+    except AdapterError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -390,7 +390,13 @@ def _weight_files(folder: Path) -> list[Path]:
     for name in INDEX_FILES:
         index = folder / name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(
+                    f"{index} is not a weight index (JSON with a weight_map of weight names to "
+                    "files): the download is incomplete or damaged."
+                ) from None
             return [folder / shard for shard in shards]
     return [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
 

@@ -1,10 +1,15 @@
-"""Command line: run one Florence-2 task on one image.
+"""Command line: run one Florence-2 task on one image, label a folder, convert a checkpoint.
 
 python -m florence_helpers IMAGE --task OD [--text ...] [--region X1 Y1 X2 Y2]
                            [--model ID_OR_DIR] [--out annotated.png] [--json]
 python -m florence_helpers IMAGE --classes car,person,"traffic light"
-python -m florence_helpers label FOLDER --task OD --out labels.jsonl
+python -m florence_helpers label FOLDER --task OD --out labels.jsonl [--add] [--retry-errors]
 python -m florence_helpers convert OLD_REMOTE_CODE_CHECKPOINT NEW_FOLDER
+
+Exit codes: 0 done; 2 a mistake in the settings or the input (unknown task, missing text, an
+unreadable image, an output file that is not a label file or is in use); 3 no model could be
+loaded; 4 reading or writing files failed (a full disk, no permission). Each failure prints
+one line starting with "error:", never a traceback.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from .tasks import TASKS, Task, TaskSpec, UnknownTaskError, task_spec
 
 EXIT_BAD_INPUT = 2
 EXIT_NO_MODEL = 3
+EXIT_IO = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +96,19 @@ def _label_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task", help="task name, e.g. OD or DETAILED_CAPTION (needed unless --classes)"
     )
-    parser.add_argument("--out", required=True, help="JSON-lines file to append to")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="label file (JSON lines); the same job resumes in it, another job is refused",
+    )
+    parser.add_argument(
+        "--add", action="store_true", help="add this job to a label file holding another job"
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="label again the images whose record is an error (replacing those records)",
+    )
     parser.add_argument("--text", help="text for the tasks that take text")
     parser.add_argument("--region", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
     _add_classes(parser)
@@ -148,42 +166,75 @@ def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
 
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
+    from .inference import check_generation_settings
+    from .labelling import LabelFileError, check_label_file, export_coco, job_settings, label
+    from .model import resolve_model_id
+
+    settings = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "scores": args.scores,
+    }
     try:
         spec = _task_and_classes(args, default=None)
         if not Path(args.folder).is_dir():
             raise ImageLoadError(f"Not a folder: {args.folder}")
         if args.classes is None:
             build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
-    except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
+        # The output file is checked before the model loads: a wrong --out fails in a second.
+        job = job_settings(
+            resolve_model_id(args.model),
+            spec,
+            text=args.text,
+            region=args.region,
+            classes=args.classes,
+            **settings,
+        )
+        check_label_file(args.out, job, add=args.add)
+    except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError, LabelFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     florence = _load_quietly(args.model, args.device)
     if florence is None:
         return EXIT_NO_MODEL
-    from .labelling import export_coco, label
-
-    summary = label(
-        florence,
-        args.folder,
-        spec,
-        args.out,
-        text=args.text,
-        region=args.region,
-        classes=args.classes,
-        batch_size=args.batch_size,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
-        scores=args.scores,
-    )
-    print(
-        f"wrote {summary.written} records ({summary.errors} errors) to {summary.output}; "
-        f"{summary.skipped} images were already there",
-        file=sys.stderr,
-    )
-    if args.coco:
-        dataset = export_coco(summary.output, args.coco)
-        print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
+    try:
+        summary = label(
+            florence,
+            args.folder,
+            spec,
+            args.out,
+            text=args.text,
+            region=args.region,
+            classes=args.classes,
+            batch_size=args.batch_size,
+            add=args.add,
+            retry_errors=args.retry_errors,
+            **settings,
+        )
+        retried = f", {summary.retried} of them retried errors" if summary.retried else ""
+        print(
+            f"wrote {summary.written} records ({summary.errors} errors{retried}) to "
+            f"{summary.output}; {summary.skipped} images were already there",
+            file=sys.stderr,
+        )
+        if args.coco:
+            dataset = export_coco(summary.output, args.coco)
+            print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
+    except (TaskInputError, LabelFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_IO
     return 0
+
+
+def _one_line(error: OSError) -> str:
+    """An OSError as one sentence (the filename and reason, without the errno tuple)."""
+    if error.filename is not None:
+        return f"{error.strerror or error} ({error.filename})"
+    return str(error.args[-1] if error.args else error)
 
 
 def convert_main(argv: Sequence[str]) -> int:
@@ -224,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         image = load_image(args.image)
         if args.classes is None:
             build_prompt(spec, image.size, text=args.text, region=args.region)
+        from .inference import check_generation_settings
+
+        check_generation_settings(args.num_beams, args.max_new_tokens)
     except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -241,10 +295,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "scores": args.scores,
     }
-    if args.classes is not None:
-        result = detect(florence, image, args.classes, **settings)
-    else:
-        result = run(florence, image, spec, text=args.text, region=args.region, **settings)
+    try:
+        if args.classes is not None:
+            result = detect(florence, image, args.classes, **settings)
+        else:
+            result = run(florence, image, spec, text=args.text, region=args.region, **settings)
+    except (TaskInputError, RegionError) as error:  # checks that need the model (prompt length)
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     payload = result.to_dict()
     if args.json:
         print(json.dumps(payload, ensure_ascii=False))
@@ -258,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.out:
-        annotate(image, result).save(args.out)
+        try:
+            annotate(image, result).save(args.out)
+        except (OSError, ValueError) as error:
+            detail = _one_line(error) if isinstance(error, OSError) else str(error)
+            print(f"error: could not write {args.out}: {detail}", file=sys.stderr)
+            return EXIT_IO
         print(f"wrote {args.out}", file=sys.stderr)
     return 0

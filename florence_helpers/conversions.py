@@ -177,21 +177,52 @@ def from_coco(
         image_size: ``(width, height)`` of the image.
         task: The task to record on the result.
 
+    Raises:
+        ValueError: An annotation without a usable ``bbox`` (four finite numbers, width and
+            height not negative) or with a ``category_id`` that is not among ``categories``;
+            the message names it.
+
     Example:
         >>> back = from_coco([{"bbox": [10, 20, 20, 40], "category_id": 1}], {1: "cat"}, (100, 100))
         >>> back.labels, back.boxes.tolist()
         (['cat'], [[10.0, 20.0, 30.0, 60.0]])
     """
     if not isinstance(categories, Mapping):
-        categories = {int(c["id"]): str(c["name"]) for c in categories}
-    boxes = [xywh_to_xyxy(a["bbox"]) for a in annotations]
+        try:
+            categories = {int(c["id"]): str(c["name"]) for c in categories}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                "categories must be COCO's list of {'id', 'name'} entries, or a dict of id to "
+                "name; an entry lacks its id or name."
+            ) from None
+    boxes, labels = [], []
+    for number, annotation in enumerate(annotations):
+        where = f"annotation {annotation.get('id', f'#{number}')}"
+        bbox = annotation.get("bbox")
+        try:
+            x, y, width, height = (float(v) for v in bbox)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: bbox must be [x, y, width, height], got {bbox!r}."
+            ) from None
+        if not all(np.isfinite([x, y, width, height])) or width < 0 or height < 0:
+            raise ValueError(
+                f"{where}: bbox {bbox!r} needs finite numbers and a width and height of 0 or more."
+            )
+        if annotation.get("category_id") not in categories:
+            raise ValueError(
+                f"{where}: category_id {annotation.get('category_id')!r} is not among the "
+                f"categories ({sorted(categories)})."
+            )
+        boxes.append(xywh_to_xyxy(bbox))
+        labels.append(categories[annotation["category_id"]])
     scores = [a["score"] for a in annotations if "score" in a]
     return BoxesResult(
         task,
         (int(image_size[0]), int(image_size[1])),
         raw="",
         boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        labels=[categories[a["category_id"]] for a in annotations],
+        labels=labels,
         scores=np.asarray(scores, dtype=np.float32)
         if len(scores) == len(annotations) and scores
         else None,
@@ -233,8 +264,10 @@ def to_supervision(result: BoxesResult | PolygonsResult | OCRResult) -> Any:
 def _instances(result: AnyResult) -> Iterable[tuple[str, list[float], list[list[float]] | None]]:
     """(label, xyxy box, flat polygons or None) for each instance of a spatial result."""
     if isinstance(result, BoxesResult):
-        for box, label in zip(result.boxes.tolist(), result.labels, strict=True):
-            yield label, box, None
+        for (x1, y1, x2, y2), label in zip(result.boxes.tolist(), result.labels, strict=True):
+            # A box written corner-first the other way round (x2 < x1) is the same box; COCO's
+            # width and height cannot be negative.
+            yield label, [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], None
     elif isinstance(result, PolygonsResult):
         for shapes, label in zip(result.polygons, result.labels, strict=True):
             points = np.concatenate(shapes) if shapes else np.zeros((1, 2))

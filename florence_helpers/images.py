@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import http.client
 import io
 import os
 import re
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -15,29 +19,51 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 """A path, URL, encoded bytes, PIL image or numpy array (HxW, HxWx3 or HxWx4)."""
 
-_URL_TIMEOUT_S = 30
+URL_MAX_MB = 50.0
+"""The largest image :func:`load_image` downloads by default, in megabytes."""
+URL_TIMEOUT_S = 60.0
+"""How long :func:`load_image` waits for a whole download by default, in seconds."""
+_READ_CHUNK = 1 << 16
+_NOT_FOR_PILLOW = {
+    ".svg": "an SVG drawing (vector graphics), which Pillow cannot read: convert it to PNG "
+    "first (for example with cairosvg or Inkscape)",
+    ".svgz": "a compressed SVG drawing, which Pillow cannot read: convert it to PNG first",
+    ".heic": "a HEIC photo, which Pillow reads only with the pillow-heif plugin: "
+    "pip install pillow-heif, then call pillow_heif.register_heif_opener()",
+    ".heif": "a HEIF photo, which Pillow reads only with the pillow-heif plugin: "
+    "pip install pillow-heif, then call pillow_heif.register_heif_opener()",
+}
 
 
 class ImageLoadError(ValueError):
     """Raised when an image cannot be found, fetched or decoded. The message names it."""
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(
+    source: ImageSource,
+    *,
+    max_mb: float = URL_MAX_MB,
+    timeout: float = URL_TIMEOUT_S,
+) -> Image.Image:
     """Return ``source`` as an RGB PIL image, turned upright according to its EXIF orientation.
 
     Transparent images (RGBA, LA, P with transparency) are composited on white; grey, 16-bit,
     palette and CMYK images are converted to RGB. The input is never modified.
 
     Args:
-        source: A file path, an ``http(s)://`` URL, encoded image bytes, a PIL image, or a
-            numpy array of shape HxW, HxWx3 or HxWx4 (uint8, uint16, or floats in 0..1).
+        source: A file path, an ``http(s)://`` or ``file://`` URL, encoded image bytes, a PIL
+            image, or a numpy array of shape HxW, HxWx3 or HxWx4 (uint8, uint16, or floats
+            in 0..1).
+        max_mb: For a URL: the largest download accepted, in megabytes.
+        timeout: For a URL: the longest the whole download may take, in seconds.
 
     Returns:
         A new RGB image.
 
     Raises:
-        ImageLoadError: The file is missing or unreadable, the URL cannot be fetched, or the
-            array has an unsupported shape or type. The message names the source.
+        ImageLoadError: The file is missing or unreadable, the URL cannot be fetched (or is
+            too large or too slow), or the array has an unsupported shape or type. The
+            message names the source.
 
     Example:
         >>> import numpy as np
@@ -53,7 +79,10 @@ def load_image(source: ImageSource) -> Image.Image:
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if text.startswith(("http://", "https://")):
-            image = _decode(_fetch(text), text)
+            image = _decode(_fetch(text, max_mb=max_mb, timeout=timeout), text)
+        elif text.startswith("file://"):
+            local = urllib.request.url2pathname(urllib.parse.urlparse(text).path)
+            image = _open_file(Path(local))
         else:
             image = _open_file(Path(text).expanduser())
     else:
@@ -88,10 +117,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _open_file(path: Path) -> Image.Image:
-    if not path.exists():
-        raise ImageLoadError(f"Image file not found: {path}")
+    try:
+        path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ImageLoadError(f"Cannot open {path}: its symbolic links form a loop.") from None
+        if path.is_symlink():
+            raise ImageLoadError(
+                f"Cannot open {path}: it is a symbolic link to {os.readlink(path)}, which "
+                "does not exist."
+            ) from None
+        if isinstance(error, FileNotFoundError):
+            raise ImageLoadError(f"Image file not found: {path}") from None
+        raise ImageLoadError(f"Cannot open {path}: {error.strerror or error}.") from None
     if path.is_dir():
         raise ImageLoadError(f"Expected an image file but {path} is a directory.")
+    unreadable = _NOT_FOR_PILLOW.get(path.suffix.lower())
+    if unreadable:
+        raise ImageLoadError(f"Cannot read {path}: it is {unreadable}.")
     return _decode(path, str(path))
 
 
@@ -101,12 +144,12 @@ def _decode(data: bytes | Path, name: str) -> Image.Image:
             opened.load()
             return opened.copy()
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(_too_large_message(name, str(error))) from error
+        raise ImageLoadError(too_large_message(name, str(error))) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"Could not read {name} as an image: {error}") from error
 
 
-def _too_large_message(name: str, detail: str) -> str:
+def too_large_message(name: str, detail: str) -> str:
     """Say which image is too large, how large, and how to read it anyway."""
     pixels = re.search(r"\((\d+) pixels\)", detail)
     size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels" if pixels else "too many pixels"
@@ -120,13 +163,51 @@ def _too_large_message(name: str, detail: str) -> str:
     )
 
 
-def _fetch(url: str) -> bytes:
+def _fetch(url: str, *, max_mb: float, timeout: float) -> bytes:
+    """Download ``url``, refusing more than ``max_mb`` or more than ``timeout`` seconds."""
+    limit = int(max_mb * 1e6)
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "florence-helpers"})
     try:
-        with urllib.request.urlopen(request, timeout=_URL_TIMEOUT_S) as response:
-            return response.read()
-    except (urllib.error.URLError, OSError, ValueError) as error:
+        # Each read waits at most 10 s, and the deadline is checked between reads.
+        with urllib.request.urlopen(request, timeout=min(timeout, 10)) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise ImageLoadError(_too_big(url, int(declared), max_mb))
+            data = bytearray()
+            while True:
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(
+                        f"Could not download the image at {url}: it took more than {timeout:g} "
+                        "s (pass timeout=... to load_image to wait longer)."
+                    )
+                chunk = response.read1(_READ_CHUNK)  # what has arrived, not a full chunk
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > limit:
+                    raise ImageLoadError(_too_big(url, len(data), max_mb, at_least=True))
+            if declared and declared.isdigit() and len(data) < int(declared):
+                raise http.client.IncompleteRead(bytes(data), int(declared) - len(data))
+            return bytes(data)
+    except ImageLoadError:
+        raise
+    except http.client.IncompleteRead as error:
+        raise ImageLoadError(
+            f"Could not download the image at {url}: the server closed the connection after "
+            f"{len(error.partial)} bytes"
+            + (f" of {len(error.partial) + error.expected:,}." if error.expected else ".")
+        ) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
         raise ImageLoadError(f"Could not download the image at {url}: {error}") from error
+
+
+def _too_big(url: str, size: int, max_mb: float, at_least: bool = False) -> str:
+    return (
+        f"Did not download the image at {url}: it is {'more than ' if at_least else ''}"
+        f"{size / 1e6:,.1f} MB, above the {max_mb:g} MB limit (pass max_mb=... to load_image "
+        "to allow more)."
+    )
 
 
 def _from_array(array: np.ndarray) -> Image.Image:

@@ -15,6 +15,7 @@ from .images import ImageSource, load_image
 from .model import FlorenceModel, embed_prompts
 from .prefetch import prefetched
 from .prompts import Region, TaskInputError, build_prompt
+from .regions import RegionError
 from .results import AnyResult, parse_answer
 from .scores import attach_scores, scored_ids
 from .tasks import AnswerSize, ResultKind, Task, TaskSpec, custom_task, task_spec
@@ -99,6 +100,7 @@ def run(
         'A woman in a space suit holding a flag.'
     """
     spec = _chosen_task(task, prompt, parse)
+    check_generation_settings(num_beams, max_new_tokens, batch_size)
     single = not isinstance(images, (list, tuple))
     sources = [images] if single else list(images)
     texts = _per_image(text, len(sources), "text", is_item=lambda v: isinstance(v, str))
@@ -108,11 +110,11 @@ def run(
         build_prompt(spec, image.size, text=t, region=r)
         for image, t, r in zip(loaded, texts, regions, strict=True)
     ]
-    size = max(1, batch_size)
+    lengths = check_prompt_lengths(florence, prompts, max_new_tokens)
+    size = batch_size
     order = list(range(len(loaded)))
     if len(loaded) > size:
         # Batch prompts of similar length together so padding stays small.
-        lengths = [len(florence.processor.tokenizer(p)["input_ids"]) for p in prompts]
         order.sort(key=lambda i: lengths[i])
     batches = [order[i : i + size] for i in range(0, len(order), size)]
     generate_kwargs.update(num_beams=num_beams, max_new_tokens=max_new_tokens)
@@ -191,6 +193,7 @@ def run_tasks(
         >>> caption, boxes, flag = run_tasks(florence, "images/astronaut.jpg", [
         ...     "CAPTION", "OD", ("OPEN_VOCABULARY_DETECTION", "a flag")])  # doctest: +SKIP
     """
+    check_generation_settings(num_beams, max_new_tokens)
     picture = load_image(image)
     specs, prompts = [], []
     for request in tasks:
@@ -202,6 +205,7 @@ def run_tasks(
         specs.append(spec)
     if not specs:
         return []
+    check_prompt_lengths(florence, prompts, max_new_tokens)
     model = florence.model
     # The processor pairs every prompt with the image; one copy of the pixels is enough.
     batch = _preprocess(florence, [picture] * len(prompts), prompts)
@@ -238,6 +242,66 @@ def run_tasks(
         for i, result in zip(rows, parsed, strict=True):
             results[i] = result
     return results  # type: ignore[return-value]
+
+
+def check_generation_settings(num_beams: Any, max_new_tokens: Any, batch_size: Any = 1) -> None:
+    """Refuse beam widths, token limits and batch sizes that are not whole numbers of at least 1.
+
+    Raises:
+        TaskInputError: Naming the setting and the value it got.
+    """
+    for name, value in (
+        ("num_beams", num_beams),
+        ("max_new_tokens", max_new_tokens),
+        ("batch_size", batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise TaskInputError(f"{name} must be a whole number of at least 1, got {value!r}.")
+
+
+def check_prompt_lengths(
+    florence: FlorenceModel, prompts: Sequence[str], max_new_tokens: int
+) -> list[int]:
+    """Each prompt's length in tokens, image tokens included, checked against the model.
+
+    The text encoder reads the image tokens and the prompt in one sequence, and the decoder
+    writes at most as many tokens as it has positions: past either limit transformers fails
+    deep inside with an index error.
+
+    Raises:
+        TaskInputError: A prompt too long for the text encoder, or ``max_new_tokens`` beyond
+            the decoder's positions; the message gives the limit.
+    """
+    tokenizer = florence.processor.tokenizer
+    limit = _positions(florence)
+    image_tokens = getattr(florence.processor, "num_image_tokens", 0) or getattr(
+        florence.processor.image_processor, "image_seq_length", 0
+    )
+    if max_new_tokens > limit:
+        raise TaskInputError(
+            f"max_new_tokens={max_new_tokens} is more than this checkpoint's decoder can write: "
+            f"it has {limit} positions. Use at most {limit}."
+        )
+    construct = getattr(florence.processor, "_construct_prompts", None)
+    written = construct(list(prompts)) if construct is not None else list(prompts)
+    lengths = []
+    for prompt, text in zip(prompts, written, strict=True):
+        length = len(tokenizer(text)["input_ids"]) + image_tokens
+        if length > limit:
+            raise TaskInputError(
+                f"The prompt is too long: {length - image_tokens} tokens of text and "
+                f"{image_tokens} of the image, but this checkpoint's text encoder reads at "
+                f"most {limit}. Shorten the text to under {limit - image_tokens} tokens "
+                f"(it begins {prompt[:60]!r})."
+            )
+        lengths.append(length)
+    return lengths
+
+
+def _positions(florence: FlorenceModel) -> int:
+    config = getattr(florence.model, "config", None)
+    text = getattr(config, "text_config", config)
+    return int(getattr(text, "max_position_embeddings", 1024))
 
 
 def _preprocess(florence: FlorenceModel, images: list, prompts: list[str]) -> Any:
@@ -279,6 +343,11 @@ def _per_image(value: Any, count: int, name: str, is_item: Any) -> list[Any]:
     """Spread one value over all images, or check that a list has one per image."""
     if value is None or is_item(value):
         return [value] * count
+    if name == "region" and _is_numbers(value):
+        raise RegionError(
+            f"A region is four numbers (x1, y1, x2, y2) in pixels; got {len(value)}: "
+            f"{list(value)!r}."
+        )
     values = list(value)
     if len(values) != count:
         raise TaskInputError(
@@ -286,6 +355,16 @@ def _per_image(value: Any, count: int, name: str, is_item: Any) -> list[Any]:
             f"all images or exactly one per image."
         )
     return values
+
+
+def _is_numbers(value: Any) -> bool:
+    """A flat sequence of numbers (a malformed box, not a list of boxes)."""
+    return (
+        isinstance(value, Sequence | torch.Tensor | np.ndarray)
+        and not isinstance(value, str)
+        and len(value) > 0
+        and all(isinstance(v, int | float | np.number) for v in value)
+    )
 
 
 def _is_box(value: Any) -> bool:

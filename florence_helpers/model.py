@@ -223,12 +223,17 @@ def load_model(
     local_only = _check_source(name)
     try:
         processor = AutoProcessor.from_pretrained(name, local_files_only=local_only)
-        model = Florence2ForConditionalGeneration.from_pretrained(
-            name, dtype=torch_dtype, local_files_only=local_only, attn_implementation="sdpa"
+        model, loading = Florence2ForConditionalGeneration.from_pretrained(
+            name,
+            dtype=torch_dtype,
+            local_files_only=local_only,
+            attn_implementation="sdpa",
+            output_loading_info=True,
         )
-    except (OSError, ValueError, KeyError) as error:
-        message = _unavailable_message(name, str(error), hub_reached=not local_only)
+    except Exception as error:  # noqa: BLE001 - every failure is named for the user below
+        message = _unavailable_message(name, _load_failure(name, error), hub_reached=not local_only)
         raise ModelNotAvailableError(message) from error
+    _check_weights(name, loading)
     if target.type == "cpu":
         _use_available_cores()
     model = model.to(target).eval()
@@ -238,6 +243,56 @@ def load_model(
         if target.type in ("cpu", "cuda"):
             vision_tower(model).compile()
     return FlorenceModel(model=model, processor=processor, model_id=name)
+
+
+def _check_weights(name: str, loading: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights do not fill the model: transformers would leave the
+    missing ones random (and answers noise) and drop the unexpected ones, with only a report."""
+    missing = sorted(loading.get("missing_keys") or [])
+    unexpected = sorted(loading.get("unexpected_keys") or [])
+    mismatched = [str(entry[0]) for entry in loading.get("mismatched_keys") or []]
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, names in (
+        ("missing (would be random)", missing),
+        ("unexpected (would be dropped)", unexpected),
+        ("of the wrong shape", mismatched),
+    ):
+        if names:
+            shown = ", ".join(names[:8]) + (
+                f", and {len(names) - 8} more" if len(names) > 8 else ""
+            )
+            parts.append(f"{len(names)} {label}: {shown}")
+    raise ModelNotAvailableError(
+        f"The weights in {name} do not fit a Florence-2 model of its config.json; "
+        + "; ".join(parts)
+        + ". The checkpoint is incomplete or damaged (download it again), or belongs to "
+        "another model."
+    )
+
+
+def _load_failure(name: str, error: Exception) -> str:
+    """What went wrong while reading a checkpoint, in words a user can act on."""
+    import json
+    import pickle
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    kind = type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
+        return (
+            "its pytorch_model.bin is a pickle file holding more than tensors, which torch "
+            "refuses to load safely (it could run code). Only if you trust where it came from, "
+            "load it with torch.load(path, weights_only=False) and save the tensors with "
+            "safetensors.torch.save_file(state_dict, 'model.safetensors') in its place."
+        )
+    if isinstance(error, json.JSONDecodeError):
+        return f"one of its JSON files (config or weight index) is not valid JSON ({text})"
+    if kind == "SafetensorError":
+        return f"its safetensors file is damaged or cut short ({text}); download it again"
+    if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
+        return f"some weights have the wrong shape for its config.json ({text})"
+    return text
 
 
 def _dtype_reason(asked: str | torch.dtype, device: torch.device) -> str:

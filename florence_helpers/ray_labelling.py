@@ -57,6 +57,7 @@ class FlorenceLabeller:
         # Arrow needs one schema for every row: keep the parsed result as JSON text.
         return {
             "image": [r["image"] for r in records],
+            "path": [r["path"] for r in records],
             "width": [r["width"] for r in records],
             "height": [r["height"] for r in records],
             "task": [r["task"] for r in records],

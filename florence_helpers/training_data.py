@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
+from .images import too_large_message
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError, box_to_loc_tokens, check_box, xywh_to_xyxy
 from .tasks import InputKind, Task, TaskSpec, custom_task, task_spec
@@ -221,10 +222,28 @@ def read_coco(
             f"({', '.join(t.name for t in _GROUNDING_TASKS)}), not {task.name}."
         )
     dataset, source, root = _coco_file(annotations, images_dir)
-    categories = {int(c["id"]): str(c["name"]) for c in dataset["categories"]}
-    by_image: dict[int, list[Mapping[str, Any]]] = {int(i["id"]): [] for i in dataset["images"]}
     problems: list[AnnotationProblem] = []
+    categories: dict[Any, str] = {}
+    for number, category in enumerate(dataset["categories"]):
+        if not isinstance(category, Mapping) or "id" not in category or "name" not in category:
+            # Its objects then have an unknown category, and their images are reported.
+            problems.append(
+                AnnotationProblem(f"{source} category #{number}", "needs an 'id' and a 'name'")
+            )
+            continue
+        categories[category["id"]] = str(category["name"])
+    images = []
+    for number, entry in enumerate(dataset["images"]):
+        if not isinstance(entry, Mapping) or "id" not in entry:
+            name = entry.get("file_name") if isinstance(entry, Mapping) else entry
+            problems.append(AnnotationProblem(f"{source} image #{number} ({name})", "has no 'id'"))
+            continue
+        images.append(entry)
+    by_image: dict[Any, list[Mapping[str, Any]]] = {entry["id"]: [] for entry in images}
     for number, annotation in enumerate(dataset["annotations"]):
+        if not isinstance(annotation, Mapping):
+            problems.append(AnnotationProblem(f"{source} annotation #{number}", "not an object"))
+            continue
         if annotation.get("image_id") not in by_image:
             where = f"{source} annotation {annotation.get('id', f'#{number}')}"
             problems.append(
@@ -234,13 +253,13 @@ def read_coco(
             by_image[annotation["image_id"]].append(annotation)
 
     samples: list[TrainingSample] = []
-    for entry in dataset["images"]:
+    for entry in images:
         where = f"{source} image {entry['id']} ({entry.get('file_name')})"
         image_path = root / str(entry.get("file_name", ""))
         try:
             size = _checked_image_size(image_path, entry)
             labels, boxes = [], []
-            for annotation in by_image[int(entry["id"])]:
+            for annotation in by_image[entry["id"]]:
                 if annotation.get("category_id") not in categories:
                     raise _BadAnnotation(
                         f"annotation {annotation.get('id')}: unknown category_id "
@@ -273,7 +292,7 @@ def _coco_file(
         source = path.name
         root = Path(images_dir).expanduser() if images_dir is not None else path.parent
     for key in ("images", "annotations", "categories"):
-        if key not in dataset:
+        if not isinstance(dataset.get(key), list):
             raise ValueError(f"{source} is not a COCO detection file: it has no {key!r} list.")
     return dataset, source, root
 
@@ -341,10 +360,7 @@ def read_grounding_jsonl(
         )
     path = Path(path).expanduser()
     root = Path(images_dir).expanduser() if images_dir is not None else path.parent
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    lines = _read_text(path).splitlines()
     samples: list[TrainingSample] = []
     problems: list[AnnotationProblem] = []
     sizes: dict[Path, tuple[int, int]] = {}
@@ -390,7 +406,10 @@ def read_grounding_jsonl(
         except (_BadAnnotation, RegionError) as error:
             problems.append(AnnotationProblem(where, str(error)))
             continue
-        samples.append(_sample(where, image_path, size, task, labels, boxes, text, region))
+        try:
+            samples.append(_sample(where, image_path, size, task, labels, boxes, text, region))
+        except TaskInputError as error:  # an empty label, or a task token inside it
+            problems.append(AnnotationProblem(where, f"label {labels[0]!r}: {error}"))
     return _finish(samples, problems, on_error)
 
 
@@ -447,6 +466,8 @@ def read_qa(
         try:
             if isinstance(row, _BadAnnotation):
                 raise row
+            if not isinstance(row, Mapping):
+                raise _BadAnnotation(f"not a row of named columns (got {type(row).__name__})")
             image = _qa_image(row.get(image_column), root, where, images_dir is not None)
             if image not in sizes:
                 sizes[image] = _checked_image_size(image, {})
@@ -489,10 +510,7 @@ def _qa_rows(
         return enumerate(source, start=1), "row", root
     path = Path(source).expanduser()
     root = Path(images_dir).expanduser() if images_dir is not None else path.parent
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    text = _read_text(path)
     if path.suffix.lower() == ".csv":
         return enumerate(csv.DictReader(io.StringIO(text)), start=2), f"{path.name} line", root
     if path.suffix.lower() not in (".jsonl", ".json"):
@@ -539,6 +557,9 @@ def _qa_image(value: Any, root: Path, where: str, can_write: bool) -> Path:
 def _qa_answers(value: Any) -> tuple[str, ...]:
     """The accepted answers, first one the target; an error if there is none."""
     values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if v is not None and not isinstance(v, str | int | float):
+            raise _BadAnnotation(f"an answer must be text, got a {type(v).__name__}: {v!r}")
     answers = tuple(str(v).strip() for v in values if v is not None and str(v).strip())
     if not answers:
         raise _BadAnnotation("empty answer")
@@ -598,13 +619,26 @@ def _finish(
     return TrainingSet(samples, problems)
 
 
-def _read_json(path: Path) -> Mapping[str, Any]:
+def _read_text(path: Path) -> str:
+    """A data file's text; clear errors for a missing file and for text that is not UTF-8."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8")
     except OSError as error:
         raise FileNotFoundError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8 and read it again."
+        ) from None
+
+
+def _read_json(path: Path) -> Mapping[str, Any]:
+    try:
+        dataset = json.loads(_read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}.") from None
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"{path} holds a JSON {type(dataset).__name__}, not a COCO dataset.")
+    return dataset
 
 
 def _checked_image_size(path: Path, entry: Mapping[str, Any]) -> tuple[int, int]:
@@ -616,6 +650,8 @@ def _checked_image_size(path: Path, entry: Mapping[str, Any]) -> tuple[int, int]
                 width, height = height, width
     except FileNotFoundError:
         raise _BadAnnotation(f"image file not found: {path}") from None
+    except Image.DecompressionBombError as error:
+        raise _BadAnnotation(too_large_message(str(path), str(error))) from None
     except (UnidentifiedImageError, OSError) as error:
         raise _BadAnnotation(f"image file unreadable: {path} ({error})") from None
     given = (entry.get("width"), entry.get("height"))
