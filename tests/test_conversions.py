@@ -163,3 +163,14 @@ def test_to_supervision_gives_real_detections_with_names_scores_and_masks():
     canvas = np.zeros((120, 200, 3), np.uint8)
     drawn = sv.MaskAnnotator().annotate(canvas.copy(), masks)
     assert drawn.shape == canvas.shape and (drawn != canvas).any()
+
+
+def test_to_coco_writes_a_reversed_box_with_a_positive_width():
+    """A box given corner-last-first (x2 < x1, y2 < y1) is the same box; COCO's width and height
+    are never negative."""
+    reversed_box = BoxesResult(
+        Task.OD, (100, 100), raw="", boxes=np.array([[30.0, 60.0, 10.0, 20.0]]), labels=["cat"]
+    )
+    (annotation,) = to_coco(reversed_box)
+    assert annotation["bbox"] == [10.0, 20.0, 20.0, 40.0]
+    assert annotation["area"] == 800.0
