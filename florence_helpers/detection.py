@@ -143,6 +143,7 @@ def merge_detections(results: Sequence[BoxesResult], classes: Sequence[str]) -> 
         results[0].image_size,
         raw="\n".join(r.raw for r in results),
         truncated=any(r.truncated for r in results),
+        query=", ".join(classes),
         boxes=boxes.astype(np.float32),
         labels=labels,
         scores=scores,

@@ -18,6 +18,7 @@ The loop is plain PyTorch so that every step is visible:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -102,6 +103,9 @@ class TrainingHistory:
         losses: Mean training loss of each optimizer step.
         learning_rates: Learning rate used at each optimizer step.
         epoch_losses: Mean loss of each completed epoch.
+        validation_losses: With ``train(..., validation=...)``: the loss on the validation
+            samples after each completed epoch (the mean over their target tokens, in eval
+            mode, so without dropout).
         seconds: Wall-clock training time (over all resumed runs).
         samples_seen: Samples processed (over all resumed runs).
     """
@@ -109,6 +113,7 @@ class TrainingHistory:
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     epoch_losses: list[float] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     samples_seen: int = 0
 
@@ -124,17 +129,23 @@ class TrainingHistory:
         return 1.0 - (sum(tail) / len(tail)) / self.losses[0]
 
     def plot(self, ax: Any = None) -> Any:
-        """Draw the loss per optimizer step (and per epoch) on ``ax``; returns the axes."""
+        """Draw the loss per optimizer step, per epoch, and on the validation samples after
+        each epoch when there are any, on ``ax``; returns the axes."""
         import matplotlib.pyplot as plt
 
-        ax = ax if ax is not None else plt.subplots(figsize=(6, 3.5))[1]
+        ax = ax if ax is not None else plt.subplots(figsize=(7, 4))[1]
         steps = range(1, len(self.losses) + 1)
-        ax.plot(steps, self.losses, lw=1, alpha=0.6, label="step")
-        if len(self.losses) > len(self.epoch_losses) > 0:  # several steps per epoch
-            per_epoch = len(self.losses) / len(self.epoch_losses)
-            ends = [round(per_epoch * (i + 1)) for i in range(len(self.epoch_losses))]
-            ax.plot(ends, self.epoch_losses, "o-", label="epoch mean")
-        ax.set(xlabel="optimizer step", ylabel="loss", yscale="log", title="Training loss")
+        ax.plot(steps, self.losses, lw=1, alpha=0.5, label="training, each step")
+        epochs = len(self.epoch_losses)
+        per_epoch = len(self.losses) / epochs if epochs else 0
+        ends = [round(per_epoch * (i + 1)) for i in range(epochs)]
+        if len(self.losses) > epochs > 0:  # several steps per epoch
+            ax.plot(ends, self.epoch_losses, "o-", label="training, epoch mean")
+        if self.validation_losses:
+            shown = ends[: len(self.validation_losses)]
+            ax.plot(shown, self.validation_losses, "s--", label="validation, after each epoch")
+        title = "Training and validation loss" if self.validation_losses else "Training loss"
+        ax.set(xlabel="optimizer step", ylabel="loss (log scale)", yscale="log", title=title)
         ax.legend()
         ax.figure.tight_layout()
         return ax
@@ -190,6 +201,7 @@ def train(
     samples: Sequence[TrainingSample],
     config: TrainingConfig | None = None,
     *,
+    validation: Sequence[TrainingSample] | None = None,
     resume: bool = True,
     progress: bool = True,
 ) -> TrainingHistory:
@@ -203,6 +215,9 @@ def train(
         florence: The model to train (load it in float32 for full fine-tuning).
         samples: Training samples, e.g. from :func:`~florence_helpers.training_data.read_coco`.
         config: Settings; see :class:`TrainingConfig`.
+        validation: Samples held out from training: their loss is measured after every
+            epoch (``history.validation_losses``, drawn by ``history.plot()``). When it stops
+            falling while the training loss still falls, the model is memorising.
         resume: When ``config.checkpoint_dir`` holds a checkpoint, continue from it.
         progress: Show a tqdm bar with the running loss.
 
@@ -227,9 +242,11 @@ def train(
     done, history = checkpoint.restore(model, optimizer, scheduler, precision.scaler, resume)
     if not done:
         torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
-    prepare = None
+    prepare = held_out = None
     if done < total_steps:
         prepare = _batch_preparer(florence, samples, config, precision, progress)
+        if validation:
+            held_out = _validation_batches(florence, list(validation), config, precision, progress)
     else:
         warnings.warn(
             f"Nothing was trained: the checkpoint in {config.checkpoint_dir} already finished "
@@ -262,11 +279,59 @@ def train(
                     checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
             epoch_steps = history.losses[-steps_per_epoch:]
             history.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
+            if held_out is not None:
+                history.validation_losses.append(
+                    validation_loss(model, held_out, precision, config.freeze_vision)
+                )
             checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
     finally:
         bar.close()
         model.eval()
     return history
+
+
+def _validation_batches(
+    florence: FlorenceModel,
+    samples: list[TrainingSample],
+    config: TrainingConfig,
+    precision: _Precision,
+    progress: bool,
+) -> list[dict[str, torch.Tensor]]:
+    """The validation samples as model inputs, in fixed batches, prepared once."""
+    prepare = _batch_preparer(florence, samples, config, precision, progress)
+    size = config.batch_size
+    return [prepare(samples[i : i + size]) for i in range(0, len(samples), size)]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+    precision: _Precision | None = None,
+    freeze_vision: bool = True,
+) -> float:
+    """The mean loss over every target token of ``batches``, in eval mode (no dropout).
+
+    The model goes back to training mode afterwards (its vision tower stays in eval mode
+    when frozen).
+    """
+    model.eval()
+    total = tokens = 0.0
+    try:
+        for inputs in batches:
+            device = precision.device if precision is not None else model.device
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            count = int((inputs["labels"] != -100).sum())
+            context = precision.autocast() if precision is not None else contextlib.nullcontext()
+            with context:
+                loss = _forward(model, inputs).loss
+            total += float(loss) * count
+            tokens += count
+    finally:
+        model.train()
+        if freeze_vision:
+            vision_tower(model).eval()
+    return total / tokens if tokens else float("nan")
 
 
 def _trainable_parameters(

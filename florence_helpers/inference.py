@@ -135,6 +135,7 @@ def run(
                 _parse(florence, sequences, logprobs, [spec] * len(indices), sizes, max_new_tokens),
                 strict=True,
             ):
+                result.query = describe_query(texts[i], regions[i])
                 results[i] = result
             bar.update(len(indices))
     return results[0] if single else results  # type: ignore[return-value]
@@ -195,7 +196,7 @@ def run_tasks(
     """
     check_generation_settings(num_beams, max_new_tokens)
     picture = load_image(image)
-    specs, prompts = [], []
+    specs, prompts, queries = [], [], []
     for request in tasks:
         task, extra = request if isinstance(request, tuple) else (request, None)
         spec = task_spec(task)
@@ -203,6 +204,7 @@ def run_tasks(
         region = extra if extra is not None and not isinstance(extra, str) else None
         prompts.append(build_prompt(spec, picture.size, text=text, region=region))
         specs.append(spec)
+        queries.append(describe_query(text, region))
     if not specs:
         return []
     check_prompt_lengths(florence, prompts, max_new_tokens)
@@ -240,6 +242,7 @@ def run_tasks(
             max_new_tokens,
         )
         for i, result in zip(rows, parsed, strict=True):
+            result.query = queries[i]
             results[i] = result
     return results  # type: ignore[return-value]
 
@@ -286,7 +289,10 @@ def check_prompt_lengths(
     written = construct(list(prompts)) if construct is not None else list(prompts)
     lengths = []
     for prompt, text in zip(prompts, written, strict=True):
-        length = len(tokenizer(text)["input_ids"]) + image_tokens
+        # padding="longest", as the processor calls it: a fast tokenizer's padding is one
+        # setting shared by every thread, and a call without it would switch it off for another
+        # thread's batch (a single text is never padded).
+        length = len(tokenizer(text, padding="longest")["input_ids"]) + image_tokens
         if length > limit:
             raise TaskInputError(
                 f"The prompt is too long: {length - image_tokens} tokens of text and "
@@ -337,6 +343,15 @@ def _parse(
             result = attach_scores(result, processor, answer[1:], logprobs[index, :length], spec)
         results.append(result)
     return results
+
+
+def describe_query(text: str | None, region: Region | None) -> str | None:
+    """What a task was asked besides the image, as a result records it (``Result.query``)."""
+    if text is not None and str(text).strip():
+        return str(text).strip()
+    if region is not None:
+        return "(" + ", ".join(f"{float(v):g}" for v in region) + ")"
+    return None
 
 
 def _per_image(value: Any, count: int, name: str, is_item: Any) -> list[Any]:

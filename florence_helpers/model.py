@@ -239,10 +239,17 @@ def load_model(
     model = model.to(target).eval()
     logger.info("Loaded %s on %s in %s%s.", name, target, torch_dtype, _dtype_reason(dtype, target))
     if compile:
-        model.generation_config.cache_implementation = "static"
-        if target.type in ("cpu", "cuda"):
-            vision_tower(model).compile()
+        compile_for_speed(model)
     return FlorenceModel(model=model, processor=processor, model_id=name)
+
+
+def compile_for_speed(model: Any) -> Any:
+    """What ``load_model(compile=True)`` does to a loaded model: decode with a static KV cache
+    (which transformers compiles on CUDA) and compile the vision encoder (CPU and CUDA)."""
+    model.generation_config.cache_implementation = "static"
+    if model.device.type in ("cpu", "cuda"):
+        vision_tower(model).compile()
+    return model
 
 
 def _check_weights(name: str, loading: dict[str, Any]) -> None:

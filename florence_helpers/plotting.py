@@ -286,7 +286,9 @@ def plot_result(
         result: What :func:`run` returned for it.
         ax: Matplotlib axes; a new figure when omitted.
         region: The pixel box a region task was asked about, outlined.
-        title: Overrides the default title (the task name, or the text of a text result).
+        title: Overrides the default title, which says what was asked and what came back
+            (:func:`default_title`: ``OD: 3 boxes``, ``OPEN_VOCABULARY_DETECTION "a flag":
+            0 boxes``, ``CAPTION: A cat on a sofa.``).
 
     Returns:
         The axes.
@@ -302,12 +304,50 @@ def plot_result(
     if region is not None:
         plot_region(image, region, ax)
     if title is None:
-        name = getattr(result.task, "name", result.task)  # a custom prompt has no enum name
-        title = name
-        if isinstance(result, TextResult):
-            title = result.text or f"{name}: (empty answer)"
-    ax.set_title(fit_title(title), fontsize=10)
+        title = default_title(result)
+    ax.set_title(fit_title(title, width=_title_width(ax)), fontsize=10)
     return ax
+
+
+def _title_width(ax: Any) -> int:
+    """Characters that fit across the axes' panel at font size 10 (about 11 per inch)."""
+    spec = ax.get_subplotspec()
+    columns = spec.get_gridspec().ncols if spec is not None else 1
+    return max(20, int(ax.figure.get_figwidth() / columns * 11))
+
+
+_COUNTED = {"BoxesResult": "box", "PolygonsResult": "instance", "OCRResult": "text region"}
+
+
+def default_title(result: AnyResult) -> str:
+    """What was asked and what came back: the task, its query, and the answer or a count.
+
+    A count of 0 says the model answered with nothing; a cut-off answer says so.
+
+    Example:
+        >>> from florence_helpers import BoxesResult, Task
+        >>> found = BoxesResult(Task.OPEN_VOCABULARY_DETECTION, (64, 48), raw="",
+        ...                     boxes=np.zeros((0, 4)), labels=[], query="a flag")
+        >>> default_title(found)
+        'OPEN_VOCABULARY_DETECTION "a flag": 0 boxes'
+    """
+    name = getattr(result.task, "name", result.task)  # a custom prompt has no enum name
+    query = result.query
+    if query is None:
+        asked = ""
+    elif query.startswith("(") and str(name).startswith("REGION_TO"):
+        asked = f" {query}"  # a region in pixels
+    else:
+        asked = f' "{query}"'
+    if isinstance(result, TextResult):
+        answer = result.text or "(empty answer)"
+    else:
+        count = len(result)
+        noun = _COUNTED.get(type(result).__name__, "instance")
+        plural = "es" if noun.endswith("x") else "s"
+        answer = f"{count} {noun}{'' if count == 1 else plural}"
+    cut = " (cut off at max_new_tokens)" if result.truncated else ""
+    return f"{name}{asked}: {answer}{cut}"
 
 
 def fit_title(text: str, width: int = TITLE_WIDTH, lines: int = TITLE_LINES) -> str:
@@ -356,13 +396,18 @@ def plot_grid(
     count = max(len(results), 1)
     columns = max(1, min(columns, count))
     rows = math.ceil(count / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, size * rows), squeeze=False)
+    pictures = [load_image(image) for image in images]
+    # Panels as tall as the tallest image needs at this width, plus room for a 3-line title:
+    # square panels would leave wide gaps between rows of landscape photos.
+    aspect = max((p.height / p.width for p in pictures), default=1.0)
+    height = size * aspect + 0.55
+    fig, axes = plt.subplots(rows, columns, figsize=(size * columns, height * rows), squeeze=False)
     for index, ax in enumerate(axes.flat):
         if index >= len(results):
             ax.set_axis_off()
             continue
         title = titles[index] if titles is not None else None
-        plot_result(images[index], results[index], ax, title=title)
+        plot_result(pictures[index], results[index], ax, title=title)
     fig.tight_layout()
     return fig
 

@@ -31,17 +31,23 @@ class Result:
         raw: The generated text with special tokens, without padding.
         truncated: True when generation hit ``max_new_tokens`` before the answer ended; the
             parsed fields then hold only what parsed cleanly.
+        query: What the task was asked besides the image: the text (a phrase to find, a
+            caption to ground), the region as ``"(x1, y1, x2, y2)"`` in pixels, or the class
+            names of :func:`~florence_helpers.detect`; None for tasks that take only the image.
     """
 
     task: Task | str
     image_size: tuple[int, int]
     raw: str = field(repr=False)
     truncated: bool = field(default=False, kw_only=True)
+    query: str | None = field(default=None, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the result."""
+        asked = {"query": self.query} if self.query is not None else {}
         return {
             "task": str(self.task),
+            **asked,
             "image_size": list(self.image_size),
             "truncated": self.truncated,
             **self._payload(),
@@ -85,6 +91,7 @@ class Result:
             tuple(image_size if image_size is not None else data["image_size"]),
             raw=data.get("raw", ""),
             truncated=bool(data.get("truncated", False)),
+            query=data.get("query"),
             **kind._from_payload(data),
         )
 

@@ -331,3 +331,24 @@ def test_evaluate_samples_scores_canned_answers(florence, tmp_path):
     )
     assert named.region_accuracy == 0.5
     assert np.isnan(named.map) and np.isnan(named.grounding_accuracy)
+
+
+def test_the_validation_loss_is_measured_after_every_epoch(load_tiny, shapes):
+    """history.validation_losses holds the held-out samples' loss after each epoch: the same
+    number a plain forward pass over them gives once training is done."""
+    from florence_helpers.finetune import validation_loss
+
+    train_set, val_set = shapes.split(0.25, seed=0)
+    lora = add_lora(load_tiny(), **LORA, seed=0)
+    config = TrainingConfig(
+        epochs=3, learning_rate=5e-3, mixed_precision=False, cache_image_features=True, seed=0
+    )
+    history = train(lora, train_set, config, validation=val_set, progress=False)
+    assert len(history.validation_losses) == 3
+    assert all(np.isfinite(history.validation_losses))
+    plain = [collate(lora.processor, [sample]) for sample in val_set]  # pixels, not the cache
+    again = validation_loss(lora.model, plain)
+    assert again == pytest.approx(history.validation_losses[-1], rel=1e-4)
+    ax = history.plot()
+    assert [line.get_label() for line in ax.get_lines()][-1] == "validation, after each epoch"
+    assert ax.get_title() == "Training and validation loss"

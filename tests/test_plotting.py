@@ -82,9 +82,9 @@ def test_plot_result_draws_on_the_given_axes(grey):
 
 def test_plot_result_for_text_ocr_and_region(grey):
     fig, (left, right) = plt.subplots(1, 2)
-    text = TextResult(Task.REGION_TO_CATEGORY, SIZE, raw="", text="a car")
+    text = TextResult(Task.REGION_TO_CATEGORY, SIZE, raw="", text="a car", query="(10, 10, 50, 50)")
     plot_result(grey, text, left, region=(10, 10, 50, 50))
-    assert left.get_title() == "a car"
+    assert left.get_title().replace("\n", " ") == "REGION_TO_CATEGORY (10, 10, 50, 50): a car"
     assert len(left.patches) == 2  # the region, drawn twice (light and dark dashes)
     ocr = OCRResult(
         Task.OCR_WITH_REGION,
@@ -196,5 +196,38 @@ def test_a_custom_prompt_result_gets_its_prompt_as_title(grey):
     fig, ax = plt.subplots()
     found = BoxesResult("<FIND>a car", SIZE, raw="", boxes=np.zeros((0, 4)), labels=[])
     plot_result(grey, found, ax)
-    assert ax.get_title() == "<FIND>a car"
+    assert ax.get_title() == "<FIND>a car: 0 boxes"
     plt.close(fig)
+
+
+def test_default_titles_say_what_was_asked_and_what_came_back(florence, grey, tmp_path):
+    """Task, query and count: "0 boxes" is an answer, not a missing result."""
+    from florence_helpers import detect, run, run_tasks
+    from florence_helpers.testing import force_answers
+
+    image = tmp_path / "grey.png"
+    grey.save(image)
+    forced = force_answers(florence.processor, "a flag<loc_10><loc_10><loc_500><loc_500>")
+    flag = run(florence, image, "OPEN_VOCABULARY_DETECTION", "a flag", logits_processor=forced)
+    nothing = run(
+        florence, image, "OD", logits_processor=force_answers(florence.processor, ""), num_beams=1
+    )
+    (region,) = run_tasks(
+        florence,
+        image,
+        [("REGION_TO_CATEGORY", (10, 10, 50, 50))],
+        logits_processor=force_answers(florence.processor, "car<loc_1><loc_1><loc_9><loc_9>"),
+    )
+    cut = run(florence, image, "CAPTION", max_new_tokens=2, num_beams=1)
+    found = detect(florence, image, ["car", "tree"], max_new_tokens=4, num_beams=1)
+    titles = []
+    for result in (flag, nothing, region, cut, found):
+        fig, ax = plt.subplots()
+        plot_result(image, result, ax)
+        titles.append(ax.get_title().replace("\n", " "))
+        plt.close(fig)
+    assert titles[0] == 'OPEN_VOCABULARY_DETECTION "a flag": 1 box'
+    assert titles[1] == "OD: 0 boxes"
+    assert titles[2] == "REGION_TO_CATEGORY (10, 10, 50, 50): car"
+    assert titles[3].startswith("CAPTION: ") and titles[3].endswith("(cut off at max_new_tokens)")
+    assert titles[4].startswith('OPEN_VOCABULARY_DETECTION "car, tree": ')
