@@ -5,11 +5,17 @@ the repository's ``notebooks/`` and ``images/`` folders (so files written by the
 as 07's labelling output, are there for the second), and every output of the second run must
 equal the first's, apart from what is measured afresh: times, rates, and progress bars.
 Different notebooks run at the same time, each in its own kernel.
+
+The second run also carries harness cells the learner never sees: after each plain-library
+cell, a check that it gives the same numbers as the helper it explains (:data:`CHECKS`); and at
+the end, the folded solution of every exercise, each of which must run (:data:`UNRUN`: those
+that download a checkpoint or start Ray).
 The fine-tuning notebooks are run twice by tests/test_notebook_training.py.
 """
 
 import re
 import shutil
+import textwrap
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +30,58 @@ RERUN = sorted(
     for path in (ROOT / "notebooks").glob("*.ipynb")
     if not path.name.startswith(("06_", "08_"))
 )
+# After the first cell containing the key: a check that the plain-library code gives the
+# helper's numbers. A failed assert fails the run.
+CHECKS: dict[str, dict[str, str]] = {
+    "00_quickstart.ipynb": {
+        "parsed = processor.post_process_generation(": """
+import numpy as np
+_helper = run(florence, image, "OD")
+_boxes = np.asarray(parsed["<OD>"]["bboxes"], dtype=np.float32).reshape(-1, 4)
+assert np.array_equal(_boxes, _helper.boxes), (_boxes, _helper.boxes)
+assert len(parsed["<OD>"]["labels"]) == len(_helper.labels)
+""",
+    },
+    "02_detection_and_grounding.ipynb": {
+        'answer_text, task="<OPEN_VOCABULARY_DETECTION>"': """
+import numpy as np
+_plain = parsed["<OPEN_VOCABULARY_DETECTION>"]
+_boxes = np.asarray(_plain["bboxes"], dtype=np.float32).reshape(-1, 4)
+assert np.array_equal(_boxes, towers.boxes[: len(_boxes)]), (_boxes, towers.boxes)
+""",
+    },
+    "03_ocr.ipynb": {
+        'answer_text, task="<OCR_WITH_REGION>"': """
+import numpy as np
+_helper = run(florence, sign, "OCR_WITH_REGION")
+_quads = np.asarray(parsed["<OCR_WITH_REGION>"]["quad_boxes"], dtype=np.float32)
+assert np.array_equal(_quads.reshape(-1, 4, 2), _helper.quads), (_quads, _helper.quads)
+""",
+    },
+    "04_segmentation.ipynb": {
+        'answer_text, task="<REFERRING_EXPRESSION_SEGMENTATION>"': """
+import numpy as np
+_helper = run(florence, image, "REFERRING_EXPRESSION_SEGMENTATION", text="the cat")
+_plain = parsed["<REFERRING_EXPRESSION_SEGMENTATION>"]["polygons"]
+_shapes = [[np.asarray(f, np.float32).reshape(-1, 2) for f in inst if f] for inst in _plain]
+assert [len(s) for s in _shapes] == [len(s) for s in _helper.polygons]
+for _mine, _theirs in zip(_shapes, _helper.polygons):
+    assert all(np.array_equal(a, b) for a, b in zip(_mine, _theirs))
+""",
+    },
+    "05_confidence_scores.ipynb": {
+        "by_hand = float(": "assert abs(by_hand - helper) < 1e-3, (by_hand, helper)",
+    },
+}
+# Exercise solutions not run here, and why.
+UNRUN = {
+    ("00_quickstart.ipynb", 4): "downloads Florence-2-large",
+    ("02_detection_and_grounding.ipynb", 4): "the tiny model's boxes are noise: can be empty",
+    ("04_segmentation.ipynb", 3): "the tiny model's boxes are noise: can be empty",
+    ("07_batch_and_scale.ipynb", 4): "starts Ray twice more (the notebook already runs it)",
+}
+_SOLUTION = re.compile(r"<summary>Solution</summary>.*?```python\n(.*?)```", re.S)
+_EXERCISE = re.compile(r"^(\d+)\. ", re.M)
 # Measured afresh on every run: "3.2 s", "41 ms", "1.5 images/s", "12.0 it/s", tqdm bars.
 _MEASURED = re.compile(
     r"\d+(?:\.\d+)?(?:e-?\d+)?\s*(?:s|ms|µs|min|it/s|s/it|images?/s|tokens?/s|x)\b"
@@ -40,7 +98,7 @@ def _shown(notebook) -> list[str]:
     """
     cells = []
     for cell in notebook.cells:
-        if cell.cell_type != "code":
+        if cell.cell_type != "code" or cell.metadata.get("harness"):
             continue
         texts = []
         for output in cell.outputs:
@@ -54,10 +112,41 @@ def _shown(notebook) -> list[str]:
     return cells
 
 
+def solutions(notebook) -> list[tuple[int, str]]:
+    """``(exercise number, code)`` of each folded Python solution in the Exercises cell."""
+    (exercises,) = [c for c in notebook.cells if c.source.startswith("## Exercises")]
+    found = []
+    for block in re.split(r"(?m)^(?=\d+\. )", exercises.source):
+        number = _EXERCISE.match(block)
+        for code in _SOLUTION.findall(block):
+            found.append((int(number.group(1)), textwrap.dedent(code)))
+    return found
+
+
+def _with_harness(notebook, name: str):
+    """The notebook with its checks after their cells and its exercises' solutions at the end."""
+    cells = notebook.cells
+    for marker, check in CHECKS.get(name, {}).items():
+        (index,) = [i for i, c in enumerate(cells) if marker in c.source and c.cell_type == "code"]
+        cells.insert(index + 1, _harness_cell(check))
+    for number, code in solutions(notebook):
+        if (name, number) not in UNRUN:
+            cells.append(_harness_cell(f"# exercise {number}\n{code}"))
+    return notebook
+
+
+def _harness_cell(source: str):
+    cell = nbformat.v4.new_code_cell(source.strip())
+    cell.metadata["harness"] = True
+    return cell
+
+
 def _run_twice(folder: Path, name: str) -> list[list[str]]:
     runs = []
-    for _ in range(2):
+    for run in range(2):
         notebook = nbformat.read(folder / name, as_version=4)
+        if run == 1:
+            notebook = _with_harness(notebook, name)
         NotebookClient(
             notebook,
             timeout=600,
@@ -91,3 +180,14 @@ def test_a_second_run_in_the_same_folder_shows_the_same_results(reruns, name):
     first, second = reruns[name].result()
     for index, (before, after) in enumerate(zip(first, second, strict=True)):
         assert after == before, f"{name}, code cell {index}: the second run shows other output"
+
+
+def test_every_notebook_s_exercises_have_a_hint_and_a_folded_solution():
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        notebook = nbformat.read(path, as_version=4)
+        (exercises,) = [c for c in notebook.cells if c.source.startswith("## Exercises")]
+        blocks = [b for b in re.split(r"(?m)^(?=\d+\. )", exercises.source) if _EXERCISE.match(b)]
+        assert blocks, path.name
+        for block in blocks:
+            assert "*Hint:*" in block, (path.name, block[:60])
+            assert "<details><summary>Solution</summary>" in block, (path.name, block[:60])

@@ -14,6 +14,13 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# After the notebooks' training step written by hand: the loss it printed is the helper's.
+STEP_IS_THE_HELPERS = {
+    "loss_after = model.eval()": (
+        "from florence_helpers.finetune import validation_loss\n"
+        "assert abs(validation_loss(lora.model, [batch]) - loss_before) < 1e-4, loss_before"
+    )
+}
 
 
 def executed(
@@ -50,11 +57,20 @@ def test_the_coco_fine_tuning_notebook_learns_its_images_by_heart(tmp_path):
         NOTEBOOKS / "06_fine_tuning.ipynb",
         tmp_path,
         "NUM_IMAGES = 4\nEPOCHS = 600\nLEARNING_RATE = 5e-3",
-        {"dataset.split(": "train_set = val_set = dataset  # the tiny model can only memorise"},
-        '{"drop": history.loss_drop(), "after": after.map50, "before": before.map50}',
+        {
+            "dataset.split(": "train_set = val_set = dataset  # the tiny model can only memorise",
+            **STEP_IS_THE_HELPERS,
+        },
+        '{"drop": history.loss_drop(), "after": after.map50, "before": before.map50,'
+        ' "validation": history.validation_losses, "phrase": phrase, "same": len(same),'
+        ' "referred": len(found)}',
     )
+    # The ms-swift section's referring phrase names one object, and its target has one box.
+    assert report["referred"] == 1
+    assert report["phrase"].startswith("the leftmost " if report["same"] > 1 else "the ")
     assert report["drop"] >= 0.9
     assert report["after"] == 1.0 > report["before"]
+    assert len(report["validation"]) == 600 and report["validation"][-1] < report["validation"][0]
 
 
 def test_the_exercises_of_the_coco_notebook_start_from_it_in_the_same_folder(tmp_path):
@@ -105,7 +121,7 @@ def test_the_document_vqa_notebook_runs_twice_and_learns_by_heart(tmp_path):
             NOTEBOOKS / "08_fine_tuning_document_vqa.ipynb",
             tmp_path,
             "NUM_RECEIPTS = 4\nEPOCHS = 600\nLEARNING_RATE = 5e-3\nBATCH_SIZE = 12\nLORA_RANK = 16",
-            {},
+            STEP_IS_THE_HELPERS,
             '{"before": before.summary(), "memorised": memorised.summary()}',
         )
         assert report["memorised"]["exact match"] == 1.0
