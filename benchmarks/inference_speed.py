@@ -1,7 +1,9 @@
 """Inference speed of florence_helpers against the seed notebooks' loop, on this machine.
 
-    python benchmarks/inference_speed.py            # Florence-2-base architecture
+    python benchmarks/inference_speed.py            # Florence-2-base architecture, CPU
     python benchmarks/inference_speed.py --large    # also Florence-2-large (slow on a CPU)
+    python benchmarks/inference_speed.py --device cuda --dtype bf16 [--compile]
+        [--architectures base,large] [--batches 1,8,64,256]   # the device report (a GPU)
 
 No weights are downloaded: the full-size architecture is built with random weights, and every
 answer is forced to a fixed, realistic number of tokens, so each run does exactly the work a
@@ -18,6 +20,12 @@ Sections:
   4. throughput (images/s) against batch size for <CAPTION> and <OD>, auto dtype
   5. the vision encoder's GFLOP/s against a plain matmul in the same dtype
   6. peak memory
+
+With ``--device`` (or ``--device-report``) it prints the device report instead, for a GPU:
+one caption at batch 1 (latency), images/s for ``<CAPTION>`` (14 tokens) and ``<OD>`` (80) at
+each batch size, greedy and 3 beams, all 15 tasks with ``run_tasks`` against the seed's loop on
+the same device, and the peak device memory of each, against the GPU goals of issue #28. The
+``tiny`` architecture runs the same code in seconds on a CPU (the tests use it).
 """
 
 from __future__ import annotations
@@ -104,16 +112,40 @@ ARCHITECTURES = {
         },
     },
 }
+# A stand-in with the same code paths, for testing this script in seconds.
+ARCHITECTURES["tiny"] = {
+    "vision": {
+        "embed_dim": [8, 16, 16, 32],
+        "num_heads": [1, 2, 2, 4],
+        "num_groups": [1, 2, 2, 4],
+        "projection_dim": 32,
+        "depths": [1, 1, 1, 1],
+    },
+    "text": {
+        "d_model": 32,
+        "encoder_layers": 1,
+        "decoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "decoder_attention_heads": 2,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 64,
+    },
+}
 VOCAB = 51328  # Florence-2's vocabulary with <image>, padded to a multiple of 64
+# Goals on one H200, base architecture, bf16, 3 beams (issue #28).
+GPU_GOALS = {"caption images/s": 500.0, "caption latency ms": 80.0, "15 tasks s": 1.0}
 
 
-def build(name: str) -> FlorenceModel:
-    """The full-size architecture with random weights and the 768-pixel processor."""
+def build(
+    name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> FlorenceModel:
+    """The architecture with random weights and the 768-pixel processor, on ``device``."""
     spec = ARCHITECTURES[name]
     processor = build_processor(768)
     vision = {"depths": [1, 1, 9, 1], "window_size": 12, **spec["vision"]}
     model = build_random_model(processor, vision=vision, text=spec["text"], vocab_size=VOCAB)
     model.config._attn_implementation = "sdpa"
+    model = model.to(device=device, dtype=dtype).eval()
     return FlorenceModel(model=model, processor=processor, model_id=f"random {name}")
 
 
@@ -161,13 +193,47 @@ def _rss() -> int:
 
 
 def timed(fn: Callable[[], Any], repeat: int = 1) -> float:
-    """Best wall time of ``repeat`` calls, in seconds."""
+    """Best wall time of ``repeat`` calls, in seconds (a GPU's queued work included)."""
     best = float("inf")
     for _ in range(repeat):
+        _synchronize()
         start = time.perf_counter()
         fn()
+        _synchronize()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def median_time(fn: Callable[[], Any], repeat: int = 5) -> float:
+    """Median wall time of ``repeat`` calls, in seconds."""
+    times = [timed(fn) for _ in range(repeat)]
+    return float(np.median(times))
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class DeviceMemory:
+    """Peak memory of the block: the GPU's allocations on CUDA, the process's RSS on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> DeviceMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._cpu = PeakMemory().__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._cpu.__exit__(*exc)
+            self.peak = self._cpu.peak
 
 
 def requests() -> list[tuple[Task, str | tuple | None]]:
@@ -226,52 +292,55 @@ def section_per_answer(models: dict[str, FlorenceModel], image: Image.Image) -> 
     print("other runtime: OpenVINO's default, measured once on this project's 2-core machine")
 
 
+def seed_loop(florence: FlorenceModel, image: Image.Image) -> None:
+    """What the seed notebooks do: one full call per task, the image re-encoded each time."""
+    processor, model = florence.processor, florence.model
+    for task, extra in requests():
+        prompt = build_prompt(
+            task,
+            image.size,
+            text=extra if isinstance(extra, str) else None,
+            region=extra if isinstance(extra, tuple) else None,
+        )
+        inputs = processor(text=prompt, images=image, return_tensors="pt").to(model.device)
+        ids = model.generate(
+            input_ids=inputs["input_ids"],
+            pixel_values=inputs["pixel_values"].to(model.dtype),
+            max_new_tokens=1024,
+            num_beams=3,
+            do_sample=False,
+            logits_processor=forced(florence, [ANSWER_TOKENS[task]]),
+        )
+        text = processor.batch_decode(ids, skip_special_tokens=False)[0]
+        processor.post_process_generation(text, task=task.value, image_size=image.size)
+
+
+def fast_path(florence: FlorenceModel, image: Image.Image, fast_beams: bool = True) -> None:
+    """All 15 tasks with run_tasks: the image encoded once, answers decoded in a few batches."""
+    tasks = requests()
+    run_tasks(
+        florence,
+        image,
+        [(t, e) if e is not None else t for t, e in tasks],
+        num_beams=3,
+        fast_beams=fast_beams,
+        logits_processor=forced(florence, [ANSWER_TOKENS[task] for task, _ in tasks]),
+    )
+
+
 def section_all_tasks(models: dict[str, FlorenceModel], image: Image.Image, memory: dict) -> None:
     print("\n## 2. All 15 tasks on one 768x768 image (3 beams, answers of realistic length)")
-    tasks = requests()
-    lengths = [ANSWER_TOKENS[task] for task, _ in tasks]
+    lengths = [ANSWER_TOKENS[task] for task, _ in requests()]
     florence = models["fp32"]
-    processor, model = florence.processor, florence.model
-
-    def seed_loop() -> None:
-        # What the seed notebooks do: one full call per task, the image re-encoded each time.
-        for (task, extra), n in zip(tasks, lengths, strict=True):
-            prompt = build_prompt(
-                task,
-                image.size,
-                text=extra if isinstance(extra, str) else None,
-                region=extra if isinstance(extra, tuple) else None,
-            )
-            inputs = processor(text=prompt, images=image, return_tensors="pt")
-            ids = model.generate(
-                input_ids=inputs["input_ids"],
-                pixel_values=inputs["pixel_values"],
-                max_new_tokens=1024,
-                num_beams=3,
-                do_sample=False,
-                logits_processor=forced(florence, [n]),
-            )
-            text = processor.batch_decode(ids, skip_special_tokens=False)[0]
-            processor.post_process_generation(text, task=task.value, image_size=image.size)
-
-    def fast_path(florence: FlorenceModel, fast_beams: bool = True) -> None:
-        run_tasks(
-            florence,
-            image,
-            [(t, e) if e is not None else t for t, e in tasks],
-            num_beams=3,
-            fast_beams=fast_beams,
-            logits_processor=forced(florence, lengths),
-        )
 
     with torch.inference_mode(), PeakMemory() as seed_memory:
-        seed = timed(seed_loop)
+        seed = timed(functools.partial(seed_loop, florence, image))
     memory["seed loop, 15 tasks"] = seed_memory.peak
     print(f"seed-style loop, fp32:    {seed:6.1f} s   ({sum(lengths)} answer tokens, 15 encodings)")
-    plain_beams = timed(functools.partial(fast_path, florence, fast_beams=False))
+    plain_beams = timed(functools.partial(fast_path, florence, image, fast_beams=False))
     for name, each in models.items():
         with PeakMemory() as fast_memory:
-            fast = timed(functools.partial(fast_path, each))
+            fast = timed(functools.partial(fast_path, each, image))
         memory[f"run_tasks, 15 tasks, {name}"] = fast_memory.peak
         print(f"run_tasks, {name + ':':<14} {fast:6.1f} s   ({seed / fast:.1f}x the seed loop)")
         if name == "fp32":
@@ -402,11 +471,159 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
     return 2 * n**3 / timed(product, 5) / 1e9
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    return processor_name()
+
+
+def device_report(args: argparse.Namespace) -> dict[str, Any]:
+    """The device report: latency, throughput against batch size, 15 tasks, peak memory."""
+    import transformers
+
+    from florence_helpers.model import compile_for_speed
+
+    device = torch.device(args.device or "cuda")
+    dtype = resolve_dtype(args.dtype, device)
+    batches = [int(b) for b in args.batches.split(",")]
+    print(
+        f"# Florence-2 device report: {device_name(device)}\n"
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {dtype}, "
+        f"{'compiled (static cache, vision encoder compiled)' if args.compile else 'eager'}"
+    )
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
+        for _ in range(max(batches))
+    ]
+    figures: dict[str, Any] = {}
+    for name in args.architectures.split(","):
+        florence = build(name, device, dtype)
+        if args.compile:
+            compile_for_speed(florence.model)
+        print(f"\n## Florence-2-{name} architecture, random weights")
+        figures[name] = {
+            "latency": _latency(florence, images[0]),
+            "throughput": _throughput(florence, images, batches),
+            "tasks": _tasks_on_device(florence, images[0]),
+        }
+        _verdicts(name, figures[name], dtype)
+        del florence
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return figures
+
+
+def _latency(florence: FlorenceModel, image: Image.Image) -> dict[str, float]:
+    """One <CAPTION> of 14 tokens at batch 1, image encoding included: median of 5 calls."""
+    out = {}
+    for beams in (1, 3):
+        call = functools.partial(
+            run,
+            florence,
+            image,
+            Task.CAPTION,
+            num_beams=beams,
+            progress=False,
+            logits_processor=forced(florence, [ANSWER_TOKENS[Task.CAPTION]]),
+        )
+        call()  # warm-up (and compilation)
+        out[f"{beams} beam(s)"] = median_time(call) * 1000
+        print(f"one caption at batch 1, {beams} beam(s): {out[f'{beams} beam(s)']:8.1f} ms")
+    return out
+
+
+def _throughput(
+    florence: FlorenceModel, images: list[Image.Image], batches: list[int]
+) -> dict[str, dict[str, float]]:
+    """images/s (and peak memory) per task, beams and batch size, preprocessing included."""
+    table: dict[str, dict[str, float]] = {}
+    print(f"{'images/s':<18}" + "".join(f"{f'batch {b}':>13}" for b in batches))
+    for task in (Task.CAPTION, Task.OD):
+        for beams in (1, 3):
+            row, memory = {}, {}
+            for size in batches:
+                call = functools.partial(
+                    run,
+                    florence,
+                    images[:size],
+                    task,
+                    batch_size=size,
+                    num_beams=beams,
+                    progress=False,
+                    logits_processor=forced(florence, [ANSWER_TOKENS[task]] * size),
+                )
+                call()  # warm-up: a new batch size may compile again
+                with DeviceMemory(florence.device) as used:
+                    row[size] = size / timed(call)
+                memory[size] = used.peak / 2**30
+            label = f"{task.name}, {beams} beam(s)"
+            table[label] = row
+            table[f"{label}, peak GiB"] = memory
+            print(f"{label:<18}" + "".join(f"{row[b]:>13.1f}" for b in batches))
+            print(f"{'  peak GiB':<18}" + "".join(f"{memory[b]:>13.2f}" for b in batches))
+    return table
+
+
+def _tasks_on_device(florence: FlorenceModel, image: Image.Image) -> dict[str, float]:
+    """All 15 tasks: run_tasks against the seed's loop, on this device and dtype."""
+    with torch.inference_mode():
+        fast_path(florence, image)  # warm-up
+        with DeviceMemory(florence.device) as fast_memory:
+            fast = timed(functools.partial(fast_path, florence, image))
+        with DeviceMemory(florence.device) as seed_memory:
+            seed = timed(functools.partial(seed_loop, florence, image))
+    print(
+        f"15 tasks: run_tasks {fast:.2f} s ({fast_memory.peak / 2**30:.2f} GiB), seed loop "
+        f"{seed:.2f} s ({seed_memory.peak / 2**30:.2f} GiB): {seed / fast:.1f}x"
+    )
+    return {"run_tasks s": fast, "seed loop s": seed}
+
+
+def _verdicts(name: str, figures: dict[str, Any], dtype: torch.dtype) -> None:
+    """The GPU goals of issue #28, for the base architecture."""
+    if name != "base":
+        return
+    best = max(figures["throughput"]["CAPTION, 3 beam(s)"].values())
+    checks = [
+        ("caption images/s at the best batch, 3 beams", best, ">=", GPU_GOALS["caption images/s"]),
+        (
+            "one caption at batch 1, 3 beams, ms",
+            figures["latency"]["3 beam(s)"],
+            "<=",
+            GPU_GOALS["caption latency ms"],
+        ),
+        (
+            "all 15 tasks, run_tasks, s",
+            figures["tasks"]["run_tasks s"],
+            "<=",
+            GPU_GOALS["15 tasks s"],
+        ),
+    ]
+    print(f"\ngoals (one H200, base, bf16, 3 beams; this run: {dtype}):")
+    for label, value, sense, goal in checks:
+        met = value >= goal if sense == ">=" else value <= goal
+        print(f"  {label}: {value:.2f} (goal {sense} {goal:g}): {'PASS' if met else 'FAIL'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--large", action="store_true", help="also run the large architecture")
-    parser.add_argument("--batches", default="1,2", help="batch sizes for section 3")
+    parser.add_argument("--batches", default=None, help="batch sizes for the throughput table")
+    parser.add_argument("--device", help="run the device report on this device (e.g. cuda)")
+    parser.add_argument(
+        "--device-report", action="store_true", help="the device report on --device (or cuda)"
+    )
+    parser.add_argument("--dtype", default="auto", help="the device report's dtype (auto, bf16…)")
+    parser.add_argument("--compile", action="store_true", help="as load_model(compile=True)")
+    parser.add_argument("--architectures", default="base,large", help="for the device report")
     args = parser.parse_args()
+    if args.device or args.device_report:
+        args.batches = args.batches or "1,8,64,256"
+        device_report(args)
+        return
+    args.batches = args.batches or "1,2"
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -3,6 +3,8 @@
     python benchmarks/training_speed.py              # Florence-2-base architecture, batch 2
     python benchmarks/training_speed.py --batch 4 --steps 5
     python benchmarks/training_speed.py --settings cached,LoRA   # a subset
+    python benchmarks/training_speed.py --device cuda --settings LoRA --batch 16 \
+        [--architecture large]    # ms per LoRA step on a GPU, with its peak memory
 
 No weights are downloaded: the full-size Florence-2-base architecture is built with random
 weights, and every target answer has a fixed length (a detection answer for about a dozen
@@ -17,8 +19,10 @@ Settings:
   trainable  vision tower trained too
 
 Each setting runs twice: in float32 (``mixed_precision=False``) and with train()'s default,
-which autocasts to bf16 on processors with native bf16 (and stays float32 elsewhere); the
-trainable weights are float32 either way.
+which autocasts to bf16 on processors with native bf16 (and stays float32 elsewhere) and to
+bf16 or fp16 on CUDA; the trainable weights are float32 either way. On CUDA the peak memory is
+the GPU's (``torch.cuda.max_memory_allocated``). ``--architecture tiny`` runs the same code in
+seconds (the tests use it).
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ def measure(
     return history.seconds / steps, total - history.seconds
 
 
-def run_setting(name: str, precision: str, batch: int, steps: int) -> dict[str, float]:
+def run_setting(
+    name: str, precision: str, batch: int, steps: int, device: str, architecture: str
+) -> dict[str, float]:
     """Time one setting in this process and return its figures."""
     config = TrainingConfig(
         batch_size=batch, learning_rate=1e-5, mixed_precision=PRECISIONS[precision]
@@ -86,15 +92,21 @@ def run_setting(name: str, precision: str, batch: int, steps: int) -> dict[str, 
         config = dataclasses.replace(config, freeze_vision=False)
     with tempfile.TemporaryDirectory() as folder:
         data = samples(batch * steps, Path(folder))
-        florence = build("base")
+        florence = build(architecture, device)
         if name == "LoRA":
             florence = add_lora(florence)
+        if florence.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         seconds, setup = measure(florence, data, config, steps)
+    if florence.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "seconds": seconds,
         "setup": setup,
         "trainable": trainable_parameters(florence.model)[0],
-        "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak": peak,
     }
 
 
@@ -105,41 +117,54 @@ def main() -> None:
     parser.add_argument(
         "--settings", default=",".join(SETTINGS), help="comma-separated subset of the settings"
     )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--architecture", default="base", help="base, large, or tiny (tests)")
     parser.add_argument("--setting", choices=SETTINGS, help=argparse.SUPPRESS)
     parser.add_argument("--precision", choices=PRECISIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.setting:  # a child process: measure one setting, print its figures as JSON
-        print(json.dumps(run_setting(args.setting, args.precision, args.batch, args.steps)))
+        figures = run_setting(
+            args.setting, args.precision, args.batch, args.steps, args.device, args.architecture
+        )
+        print(json.dumps(figures))
         return
 
-    autocast = cpu_has_native_bf16()  # what TrainingConfig(mixed_precision=None) follows
-    default = "bf16 autocast" if autocast else "fp32"
+    if args.device == "cuda":
+        autocast = True  # train() autocasts to bf16 (fp16 where the GPU lacks bf16) on CUDA
+        default = "autocast"
+        machine = torch.cuda.get_device_name(0)
+    else:
+        autocast = cpu_has_native_bf16()  # what TrainingConfig(mixed_precision=None) follows
+        default = "bf16 autocast" if autocast else "fp32"
+        machine = processor_name()
     print(
-        f"machine: {processor_name()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; native bf16: {'yes' if cpu_has_native_bf16() else 'no'}, "
-        f"so train()'s default here is {default}"
+        f"machine: {machine}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; native bf16 CPU: {'yes' if cpu_has_native_bf16() else 'no'}, "
+        f"so train()'s default on {args.device} is {default}"
     )
     print(
-        f"Florence-2-base architecture, random weights, float32 weights on CPU; batch "
-        f"{args.batch}, targets of ~{TARGET_OBJECTS * 6} tokens, {args.steps} timed steps\n"
+        f"Florence-2-{args.architecture} architecture, random weights, float32 weights on "
+        f"{args.device}; batch {args.batch}, targets of ~{TARGET_OBJECTS * 6} tokens, "
+        f"{args.steps} timed steps\n"
     )
     rows = {}
     for name in args.settings.split(","):
         for precision in PRECISIONS if autocast else ["fp32"]:
             command = [sys.executable, __file__, "--setting", name, "--precision", precision]
             command += ["--batch", str(args.batch), "--steps", str(args.steps)]
+            command += ["--device", args.device, "--architecture", args.architecture]
             child = subprocess.run(command, capture_output=True, text=True, check=True)
             label = f"{name}, {precision if precision == 'fp32' else default}"
             rows[label] = json.loads(child.stdout.strip().splitlines()[-1])
 
     slowest = max(row["seconds"] for row in rows.values())
     print(
-        f"{'setting':26} {'s/step':>8} {'samples/s':>10} {'vs slowest':>11} "
+        f"{'setting':26} {'ms/step':>9} {'samples/s':>10} {'vs slowest':>11} "
         f"{'peak GiB':>9} {'trained params':>15} {'one-off s':>10}"
     )
     for label, row in rows.items():
         print(
-            f"{label:26} {row['seconds']:8.2f} {args.batch / row['seconds']:10.2f} "
+            f"{label:26} {row['seconds'] * 1000:9.0f} {args.batch / row['seconds']:10.2f} "
             f"{slowest / row['seconds']:10.1f}x {row['peak'] / 2**30:9.1f} "
             f"{row['trainable'] / 1e6:14.1f}M {row['setup']:10.1f}"
         )
