@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 # `make test VENV=.venv-newest CONSTRAINTS=`.
 CONSTRAINTS ?= constraints.txt
 # What the notebooks' Colab install cells pin (constraints-colab.txt), out of constraints.txt.
-COLAB_PINNED := transformers|tokenizers|huggingface[-_]hub|safetensors|peft|rapidfuzz|jupyter[-_]bbox[-_]widget|anywidget|ray
+COLAB_PINNED := transformers|tokenizers|huggingface[-_]hub|safetensors|peft|rapidfuzz|jupyter[-_]bbox[-_]widget|anywidget|ray|fastapi|starlette|uvicorn|python[-_]multipart|mcp|mcp[-_]types
 TINY_MODEL := .cache/tiny-florence2
 SAMPLE ?= images/astronaut.jpg
 TASK ?= OD

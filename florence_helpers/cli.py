@@ -5,6 +5,8 @@ python -m florence_helpers IMAGE --task OD [--text ...] [--region X1 Y1 X2 Y2]
 python -m florence_helpers IMAGE --classes car,person,"traffic light"
 python -m florence_helpers label FOLDER --task OD --out labels.jsonl [--add] [--retry-errors]
 python -m florence_helpers convert OLD_REMOTE_CODE_CHECKPOINT NEW_FOLDER
+python -m florence_helpers serve [--host 127.0.0.1] [--port 8000] [--max-batch 8]
+python -m florence_helpers mcp      # MCP tools over stdio
 
 Exit codes: 0 done; 2 a mistake in the settings or the input (unknown task, missing text, an
 unreadable image, an output file that is not a label file or is in use); 3 no model could be
@@ -262,12 +264,67 @@ def convert_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def serve_main(argv: Sequence[str], mcp: bool = False) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m florence_helpers {'mcp' if mcp else 'serve'}",
+        description="Serve Florence-2 as MCP tools over stdio (caption, detect, read_text, ground)."
+        if mcp
+        else "Serve Florence-2 over HTTP: POST /v1/run, GET /v1/tasks, GET /healthz.",
+    )
+    parser.add_argument("--model", help="hub id or local directory")
+    parser.add_argument("--device", default="auto")
+    if not mcp:
+        parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+        parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8, help="requests per generate call")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill"
+    )
+    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests, at most")
+    parser.add_argument("--max-image-mb", type=float, default=20.0, help="largest image")
+    args = parser.parse_args(argv)
+    try:  # the "serve" extra: say so now, not after the model has loaded
+        if mcp:
+            import mcp as _sdk  # noqa: F401
+        else:
+            import fastapi  # noqa: F401
+            import uvicorn  # noqa: F401
+    except ImportError:
+        print(
+            'error: serving needs the "serve" extra: pip install "florence-helpers[serve]"',
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    from .serve import ServeSettings, mcp_server, serve
+
+    for name in ("max_batch", "max_queue"):
+        if getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be at least 1.", file=sys.stderr)
+            return EXIT_BAD_INPUT
+    settings = ServeSettings(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_image_mb=args.max_image_mb,
+    )
+    florence = _load_quietly(args.model, args.device)
+    if florence is None:
+        return EXIT_NO_MODEL
+    if mcp:
+        mcp_server(florence, settings).run("stdio")
+    else:
+        serve(florence, host=args.host, port=args.port, settings=settings)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "label":
         return label_main(argv[1:])
     if argv and argv[0] == "convert":
         return convert_main(argv[1:])
+    if argv and argv[0] in ("serve", "mcp"):
+        return serve_main(argv[1:], mcp=argv[0] == "mcp")
     args = _parser().parse_args(argv)
     try:
         # Everything that can be checked without the model is checked first.
