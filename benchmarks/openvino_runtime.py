@@ -140,9 +140,11 @@ class OpenVINOFlorence:
     def __init__(self, florence: FlorenceModel, precision: str = "default") -> None:
         import openvino as ov
 
-        model = florence.model
-        if florence.dtype != torch.float32:
-            model = copy.deepcopy(model).float()
+        # A plain fp32 copy to trace: linear layers that load_model switched to oneDNN's
+        # kernel (on AMD processors) go back to nn.functional.linear, which OpenVINO reads.
+        model = copy.deepcopy(florence.model).float()
+        for module in model.modules():
+            vars(module).pop("forward", None)
         self.processor = florence.processor
         decoder = model.model.language_model.decoder
         self.layers = len(decoder.layers)
