@@ -280,10 +280,11 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
     """Run ``model``'s fp32 linear layers through oneDNN when no gradient is needed.
 
     Each ``nn.Linear`` keeps its weights and its class; only its forward changes, and only for
-    fp32 inputs on the CPU outside autograd (inference). Anything else (bf16, CUDA, training)
-    takes ``nn.functional.linear`` as before. The results are the same fp32 products summed in
-    another order (differences around 1e-7 of their size). ``load_model`` calls this on CPUs
-    where :func:`onednn_beats_mkl`. Returns how many layers were switched.
+    fp32 inputs on the CPU outside autograd (inference). Anything else (bf16, CUDA, training,
+    code being compiled by ``torch.compile``) takes ``nn.functional.linear`` as before. The
+    results are the same fp32 products summed in another order (differences around 1e-7 of
+    their size). ``load_model`` calls this on CPUs where :func:`onednn_beats_mkl`. Returns how
+    many layers were switched.
     """
     switched = 0
     for module in model.modules():
@@ -301,6 +302,7 @@ def _linear_forward(self: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor
         and self.weight.device.type == "cpu"
         and inputs.dim() >= 2
         and not (torch.is_grad_enabled() and (inputs.requires_grad or self.weight.requires_grad))
+        and not torch.compiler.is_compiling()  # torch.compile chooses its own kernels
     ):
         return torch.ops.mkldnn._linear_pointwise(inputs, self.weight, self.bias, "none", [], "")
     return torch.nn.functional.linear(inputs, self.weight, self.bias)
