@@ -55,6 +55,7 @@ from florence_helpers import TASKS, FlorenceModel, Task, build_prompt, decoding,
 from florence_helpers.inference import run_tasks
 from florence_helpers.model import (
     cpu_has_native_bf16,
+    cpuinfo_field,
     onednn_beats_mkl,
     resolve_dtype,
     use_onednn_linears,
@@ -276,14 +277,7 @@ def requests() -> list[tuple[Task, str | tuple | None]]:
 
 def processor_name() -> str:
     """The CPU's model name as the system reports it."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def in_dtype(florence: FlorenceModel, dtype: torch.dtype) -> FlorenceModel:
@@ -488,6 +482,22 @@ def run_generate(
     )[0]
 
 
+def batch_call(
+    florence: FlorenceModel, images: list[Image.Image], task: Task, **kwargs: Any
+) -> Callable[[], Any]:
+    """``run`` on ``images`` as one batch, every answer forced to the task's realistic length."""
+    return functools.partial(
+        run,
+        florence,
+        images,
+        task,
+        batch_size=len(images),
+        progress=False,
+        logits_processor=forced(florence, [ANSWER_TOKENS[task]] * len(images)),
+        **kwargs,
+    )
+
+
 def section_throughput(florence: FlorenceModel, batches: list[int]) -> None:
     print(f"\n## 4. Throughput against batch size (run(), 3 beams, {florence.dtype})")
     rng = np.random.default_rng(0)
@@ -499,15 +509,7 @@ def section_throughput(florence: FlorenceModel, batches: list[int]) -> None:
     for task in (Task.CAPTION, Task.OD):
         row = []
         for size in batches:
-            call = functools.partial(
-                run,
-                florence,
-                images[:size],
-                task,
-                batch_size=size,
-                progress=False,
-                logits_processor=forced(florence, [ANSWER_TOKENS[task]] * size),
-            )
+            call = batch_call(florence, images[:size], task)
             row.append(size / timed(call))
         print(f"{task.name:<10}" + "".join(f"{v:>8.2f} i/s" for v in row))
 
@@ -628,14 +630,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 2048) -> float:
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as /proc/cpuinfo lists them (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo_field("flags").split())
 
 
 def section_goals(figures: dict[str, float], auto: str, amx: bool) -> None:
@@ -757,16 +752,7 @@ def _throughput(
         for beams in (1, 3):
             row, memory = {}, {}
             for size in batches:
-                call = functools.partial(
-                    run,
-                    florence,
-                    images[:size],
-                    task,
-                    batch_size=size,
-                    num_beams=beams,
-                    progress=False,
-                    logits_processor=forced(florence, [ANSWER_TOKENS[task]] * size),
-                )
+                call = batch_call(florence, images[:size], task, num_beams=beams)
                 call()  # warm-up: a new batch size may compile again
                 with DeviceMemory(florence.device) as used:
                     row[size] = size / timed(call)

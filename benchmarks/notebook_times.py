@@ -33,7 +33,7 @@ from inference_speed import ANSWER_TOKENS, ARCHITECTURES, VOCAB
 from nbclient import NotebookClient
 
 from florence_helpers.checkpoints import MICROSOFT_GENERATION_SETTINGS, POST_PROCESSOR_CONFIG
-from florence_helpers.model import cpu_has_native_bf16
+from florence_helpers.model import cpu_has_native_bf16, cpuinfo_field
 from florence_helpers.testing import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,13 +195,7 @@ def time_notebook(path: Path, model: Path, work: Path) -> dict:
 
 def _processor() -> str:
     """The CPU's model name (it changes between this project's machines)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def main() -> None:

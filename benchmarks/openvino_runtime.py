@@ -19,7 +19,6 @@ Benchmark-only: ``pip install -e ".[bench]"`` brings ``openvino``; nothing else 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
@@ -154,7 +153,7 @@ class OpenVINOFlorence:
         self.eos = model.generation_config.eos_token_id
         config = {} if precision == "default" else {"INFERENCE_PRECISION_HINT": precision}
         image = Image.new("RGB", (64, 64))
-        inputs = self._inputs(image, Task.CAPTION, None)
+        inputs = self._inputs(image, Task.CAPTION)
         core = ov.Core()
         with torch.no_grad():
             encoded = _Encode(model)(inputs["pixel_values"], inputs["text_ids"])
@@ -190,27 +189,40 @@ class OpenVINOFlorence:
         )
         self.precision = self.step.get_property("INFERENCE_PRECISION_HINT")
 
-    def _inputs(self, image: Image.Image, task: Task, extra: Any) -> dict[str, torch.Tensor]:
-        prompt = build_prompt(task, image.size, text=extra if isinstance(extra, str) else None)
-        inputs = self.processor(text=prompt, images=image, return_tensors="pt")
+    def _inputs(self, image: Image.Image, task: Task) -> dict[str, torch.Tensor]:
+        inputs = self.processor(
+            text=build_prompt(task, image.size), images=image, return_tensors="pt"
+        )
         ids = inputs["input_ids"]
         image_token = self.processor.tokenizer.convert_tokens_to_ids("<image>")
         return {"pixel_values": inputs["pixel_values"], "text_ids": ids[:, ids[0] != image_token]}
 
+    def _cross(self, image: Image.Image, task: Task, rows: int) -> np.ndarray:
+        """Encode the image and prompt; the cross-attention keys and values for ``rows`` rows."""
+        inputs = self._inputs(image, task)
+        encoded = self.encode([inputs["pixel_values"].numpy(), inputs["text_ids"].numpy()])[0]
+        return np.repeat(self.cross([encoded])[0], rows, axis=2)
+
+    def _step(
+        self, ids: np.ndarray, position: int, cross: np.ndarray, past: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder step: fp32 logits (a copy: the request reuses its output buffers) and the
+        grown self-attention cache (the request's own buffer)."""
+        step_inputs = [ids, np.array([position], np.int64), cross]
+        if past is None:
+            logits, past = self.first_step(step_inputs).values()
+        else:
+            logits, past = self.step([*step_inputs, past]).values()
+        return np.array(logits, np.float32), past
+
     def logits(self, image: Image.Image, task: Task, tokens: list[int]) -> np.ndarray:
         """The next-token logits at each step of ``tokens`` (one row per token, batch 1)."""
-        inputs = self._inputs(image, task, None)
-        encoded = self.encode([inputs["pixel_values"].numpy(), inputs["text_ids"].numpy()])[0]
-        cross = self.cross([encoded])[0]
+        cross = self._cross(image, task, 1)
         rows, past = [], None
         for position, previous in enumerate([self.decoder_start, *tokens[:-1]]):
-            step_inputs = [np.array([[previous]], np.int64), np.array([position], np.int64), cross]
-            if past is None:
-                logits, past = self.first_step(step_inputs).values()
-            else:
-                logits, past = self.step([*step_inputs, past]).values()
-            rows.append(np.array(logits[0], np.float32))
-            past = np.array(past)
+            logits, past = self._step(np.array([[previous]], np.int64), position, cross, past)
+            rows.append(logits[0])
+            past = np.array(past)  # it goes back in as an input
         return np.stack(rows)
 
     def answer(
@@ -225,22 +237,14 @@ class OpenVINOFlorence:
 
         Returns the answer's tokens without the decoder start token, as ``generate`` does.
         """
-        inputs = self._inputs(image, task, None)
-        encoded = self.encode([inputs["pixel_values"].numpy(), inputs["text_ids"].numpy()])[0]
-        cross = np.repeat(self.cross([encoded])[0], num_beams, axis=2)
+        cross = self._cross(image, task, num_beams)
         tokens = np.full((num_beams, 1), self.decoder_start, np.int64)
         scores = np.zeros(num_beams, np.float32)
         scores[1:] = -np.inf  # all beams start identical: keep one
         steps = len(forced) if forced is not None else max_new_tokens
         past = None
         for position in range(steps):
-            step_inputs = [tokens[:, -1:], np.array([position], np.int64), cross]
-            if past is None:
-                logits, past = self.first_step(step_inputs).values()
-            else:
-                logits, past = self.step([*step_inputs, past]).values()
-            # A copy: the request reuses its output buffers (past is copied by the reorder).
-            logits = np.array(logits, np.float32)
+            logits, past = self._step(tokens[:, -1:], position, cross, past)
             logits -= logits.max(axis=1, keepdims=True)
             logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
             if forced is not None:
@@ -252,7 +256,7 @@ class OpenVINOFlorence:
             best = best[np.argsort(-total[best])]
             beam, token = np.divmod(best, logprobs.shape[1])
             scores = total[best]
-            past = past[:, :, beam]
+            past = past[:, :, beam]  # a copy, as it must be
             tokens = np.concatenate([tokens[beam], token[:, None]], axis=1)
             if forced is None and token[0] == self.eos:
                 break

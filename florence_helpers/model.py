@@ -248,17 +248,23 @@ def load_model(
     return FlorenceModel(model=model, processor=processor, model_id=name)
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id as /proc/cpuinfo gives it (``"AuthenticAMD"``, ``"GenuineIntel"``), or
-    ``""`` where there is no such file."""
+def cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in /proc/cpuinfo (``"vendor_id"``, ``"model name"``,
+    ``"flags"``), or ``""`` where there is no such file or field."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id (``"AuthenticAMD"``, ``"GenuineIntel"``), or ``""`` if unknown."""
+    return cpuinfo_field("vendor_id")
 
 
 def onednn_beats_mkl() -> bool:
