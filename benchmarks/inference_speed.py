@@ -59,6 +59,7 @@ from florence_helpers.model import (
     onednn_beats_mkl,
     resolve_dtype,
     use_onednn_linears,
+    use_plain_linears,
     vision_tower,
 )
 from florence_helpers.testing import ForcedAnswer, build_processor, build_random_model
@@ -170,12 +171,12 @@ def build(
 @contextlib.contextmanager
 def plain_linears(model: torch.nn.Module) -> Iterator[None]:
     """Within this block, linear layers run as in plain transformers (the seed notebooks)."""
-    switched = {m: vars(m).pop("forward") for m in model.modules() if "forward" in vars(m)}
+    switched = use_plain_linears(model)
     try:
         yield
     finally:
-        for module, forward in switched.items():
-            module.forward = forward
+        if switched:
+            use_onednn_linears(model)
 
 
 def forced(florence: FlorenceModel, lengths: list[int]) -> Any:

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from florence_helpers import FlorenceModel, Task, build_prompt
+from florence_helpers.model import use_plain_linears
 
 
 def available() -> bool:
@@ -142,8 +143,7 @@ class OpenVINOFlorence:
         # A plain fp32 copy to trace: linear layers that load_model switched to oneDNN's
         # kernel (on AMD processors) go back to nn.functional.linear, which OpenVINO reads.
         model = copy.deepcopy(florence.model).float()
-        for module in model.modules():
-            vars(module).pop("forward", None)
+        use_plain_linears(model)
         self.processor = florence.processor
         decoder = model.model.language_model.decoder
         self.layers = len(decoder.layers)

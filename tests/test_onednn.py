@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from florence_helpers import Task, run
 from florence_helpers import model as model_module
-from florence_helpers.model import use_onednn_linears
+from florence_helpers.model import use_onednn_linears, use_plain_linears
 from florence_helpers.testing import ForcedAnswer, answer_token_ids
 
 pytestmark = pytest.mark.skipif(
@@ -22,8 +22,7 @@ pytestmark = pytest.mark.skipif(
 def plain(florence):
     """The same weights with every linear layer back on nn.functional.linear."""
     twin = copy.deepcopy(florence)
-    for module in twin.model.modules():
-        vars(module).pop("forward", None)
+    use_plain_linears(twin.model)
     return twin
 
 
@@ -132,3 +131,99 @@ def test_load_model_switches_on_amd_processors_only(tiny_model_dir, monkeypatch,
     florence = load_model(tiny_model_dir, device="cpu", dtype="float32")
     fc = florence.model.model.language_model.decoder.layers[0].fc1
     assert ("forward" in vars(fc)) is switched
+
+
+def packed_layers(model) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if getattr(vars(module).get("_onednn"), "packed", None) is not None
+    ]
+
+
+def test_decoding_steps_use_packed_weights_and_the_encoder_does_not(load_tiny, photo, monkeypatch):
+    # At full size the encoders see >= 576 rows (image tokens), decoding steps batch x beams;
+    # the tiny model's 128-pixel images give the encoders >= 16 rows, so the line moves to 8.
+    monkeypatch.setattr(model_module, "FEW_ROWS", 8)
+    florence = load_tiny(device="cpu")
+    use_onednn_linears(florence.model)  # whatever this machine's vendor
+    run(florence, photo, Task.CAPTION, num_beams=3, max_new_tokens=5)
+    packed = packed_layers(florence.model)
+    assert "lm_head" in packed
+    assert any(".decoder.layers." in name for name in packed)
+    # Passes over the image and prompt tokens (hundreds of rows) keep the weights unpacked,
+    # so the packed copies cost memory only for the layers that decode.
+    assert not any("vision" in name or ".encoder." in name for name in packed)
+
+
+def test_use_plain_linears_undoes_the_switch(load_tiny, photo):
+    florence = load_tiny(device="cpu")
+    use_onednn_linears(florence.model)  # whatever this machine's vendor
+    run(florence, photo, Task.CAPTION, max_new_tokens=3)
+    linears = [m for m in florence.model.modules() if type(m) is torch.nn.Linear]
+    assert use_plain_linears(florence.model) == len(linears) > 10
+    assert not any("forward" in vars(m) or "_onednn" in vars(m) for m in florence.model.modules())
+    assert onednn_calls(lambda: run(florence, photo, Task.CAPTION, max_new_tokens=3)) == 0
+
+
+def step_logits(florence, inputs, decoder_ids):
+    with torch.inference_mode():
+        return florence.model(**inputs, decoder_input_ids=decoder_ids).logits
+
+
+@pytest.mark.parametrize("change", ["in place", "through .data", "new tensor"])
+def test_a_changed_weight_is_packed_again(pair, photo, change):
+    switched, _ = pair
+    florence = copy.deepcopy(switched)
+    reference = plain(florence)
+    inputs = florence.processor(text="<CAPTION>", images=photo, return_tensors="pt")
+    decoder_ids = torch.tensor([[2, 0, *loc(florence.processor, 10, 20)]])  # 4 rows: packed
+    step_logits(florence, inputs, decoder_ids)
+    assert "lm_head" in packed_layers(florence.model)
+    for model in (florence.model, reference.model):
+        fc = model.model.language_model.decoder.layers[0].fc2
+        delta = torch.randn(fc.weight.shape, generator=torch.Generator().manual_seed(0))
+        if change == "in place":
+            with torch.no_grad():
+                fc.weight.add_(delta)
+        elif change == "through .data":
+            fc.weight.data += delta  # bypasses the version counter, as peft's merge does
+        else:
+            fc.weight.data = fc.weight.data + delta
+    expected = step_logits(reference, inputs, decoder_ids)
+    got = step_logits(florence, inputs, decoder_ids)
+    assert not torch.allclose(expected, step_logits(switched, inputs, decoder_ids))
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+def test_a_merged_lora_adapter_is_what_runs(load_tiny, photo):
+    from florence_helpers.adapters import add_lora, merge_adapter
+
+    florence = load_tiny(device="cpu")
+    use_onednn_linears(florence.model)
+    inputs = florence.processor(text="<CAPTION>", images=photo, return_tensors="pt")
+    decoder_ids = torch.tensor([[2, 0, *loc(florence.processor, 10, 20)]])
+    before = step_logits(florence, inputs, decoder_ids)  # packs the base weights
+    lora = add_lora(florence, rank=4)
+    with torch.no_grad():
+        for name, parameter in lora.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)  # a trained adapter: its update is not zero
+    with_adapter = step_logits(lora, inputs, decoder_ids)
+    merged = merge_adapter(lora)
+    after = step_logits(merged, inputs, decoder_ids)
+    assert not torch.allclose(with_adapter, before, atol=1e-3)
+    assert torch.allclose(after, with_adapter, rtol=0, atol=1e-4 * with_adapter.abs().max().item())
+
+
+def test_casting_the_model_frees_its_packed_copies(load_tiny, photo):
+    florence = load_tiny(device="cpu")
+    use_onednn_linears(florence.model)
+    run(florence, photo, Task.CAPTION, max_new_tokens=3)
+    assert packed_layers(florence.model)
+    florence.model.to(torch.bfloat16)
+    with torch.inference_mode():
+        inputs = florence.processor(text="<CAPTION>", images=photo, return_tensors="pt")
+        inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+        florence.model(**inputs, decoder_input_ids=torch.tensor([[2, 0]]))
+    assert packed_layers(florence.model) == []
