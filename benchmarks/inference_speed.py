@@ -837,7 +837,8 @@ def main() -> None:
         f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'}, "
         f"AMX: {'yes' if 'amx_bf16' in cpu_flags() else 'no'}, so "
         f"load_model(dtype='auto') picks {auto} here; fp32 linear layers run on "
-        f"{'oneDNN (faster than MKL on this CPU)' if onednn_beats_mkl() else 'MKL'}"
+        f"{'oneDNN (faster than MKL on this CPU)' if onednn_beats_mkl() else 'MKL'}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))

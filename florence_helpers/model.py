@@ -291,7 +291,7 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
     rows (a decoding step: batch x beams rows) multiply by a copy of the weight packed once
     in oneDNN's own layout instead of being reordered on every call: a 3-row layer 1.5-2x
     faster, bit for bit the same result. The packed copies cost memory (the decoder and the
-    output projection again: about 0.4 GB for base); a copy is packed again when its weight
+    output projection again: 0.36 GB for base); a copy is packed again when its weight
     is replaced or changed in place (also through ``.data``, as peft's merge does).
 
     Anything else (bf16, CUDA, training, autocast, code being compiled by ``torch.compile``)
