@@ -361,11 +361,12 @@ class _PackedWeight:
         # that); a sum over 1024 spread-out elements notices them.
         fingerprint = float(flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)].sum())
         key = (weight.data_ptr(), version, weight.dtype, tuple(weight.shape), fingerprint)
-        if key != self.key:
-            self.packed = None  # free the stale copy before packing the new one
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-            self.key = key
-        return self.packed
+        packed = self.packed
+        if key != self.key or packed is None:
+            self.packed = packed = None  # free the stale copy before packing the new one
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
+            self.packed, self.key = packed, key
+        return packed  # a local: another thread may be repacking self.packed meanwhile
 
 
 def _linear_forward(self: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
@@ -401,6 +402,8 @@ def compile_for_speed(model: Any) -> Any:
         model.generation_config.cache_implementation = "static"
     if model.device.type in ("cpu", "cuda"):
         vision_tower(model).compile()
+    else:
+        logger.info("compile=True changes nothing on %s.", model.device.type)
     return model
 
 

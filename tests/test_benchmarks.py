@@ -79,14 +79,14 @@ def test_openvino_runs_the_same_weights_to_the_same_tokens(speed, tiny, image):
     from florence_helpers import Task
 
     runtime = speed.openvino_runtime
-    for precision in ("f32", "default"):
-        converted = runtime.OpenVINOFlorence(tiny, precision)
-        # An 80-token answer in its default precision (bf16 on this project's machines): it
-        # once turned to NaN after the first step, whose cache is empty.
-        tokens = speed.forced_tokens(tiny, 80)
-        assert converted.answer(image, Task.OD, forced=tokens, num_beams=3) == tokens
+    converted = {p: runtime.OpenVINOFlorence(tiny, p) for p in ("f32", "default")}
+    # An 80-token answer in its default precision (bf16 on this project's machines): it
+    # once turned to NaN after the first step, whose cache is empty.
+    tokens = speed.forced_tokens(tiny, 80)
+    for model in converted.values():
+        assert model.answer(image, Task.OD, forced=tokens, num_beams=3) == tokens
     # Greedy and unforced, token for token against torch's generate (both fp32).
-    assert runtime.check_tokens(tiny, runtime.OpenVINOFlorence(tiny, "f32"), image, 12)
+    assert runtime.check_tokens(tiny, converted["f32"], image, 12)
 
 
 def test_a_wrong_conversion_is_caught_by_the_token_check(speed, tiny, image):
