@@ -363,7 +363,7 @@ class _PackedWeight:
         key = (weight.data_ptr(), version, weight.dtype, tuple(weight.shape), fingerprint)
         packed = self.packed
         if key != self.key or packed is None:
-            self.packed = packed = None  # free the stale copy before packing the new one
+            self.packed = None  # free the stale copy before packing the new one
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
             self.packed, self.key = packed, key
         return packed  # a local: another thread may be repacking self.packed meanwhile
@@ -386,7 +386,9 @@ def _linear_forward(self: torch.nn.Linear, inputs: torch.Tensor) -> torch.Tensor
         return torch.ops.mkldnn._linear_pointwise(
             inputs, weight if packed is None else packed, self.bias, "none", [], ""
         )
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+    if self._onednn.packed is not None and (
+        weight.dtype != torch.float32 or weight.device.type != "cpu"
+    ):
         self._onednn.packed = self._onednn.key = None  # moved or cast: free the packed copy
     return torch.nn.functional.linear(inputs, weight, self.bias)
 

@@ -30,6 +30,11 @@ def loc(processor, *bins: int) -> list[int]:
     return [processor.tokenizer.convert_tokens_to_ids(f"<loc_{b}>") for b in bins]
 
 
+def step_logits(florence, inputs, decoder_ids):
+    with torch.inference_mode():
+        return florence.model(**inputs, decoder_input_ids=decoder_ids).logits
+
+
 def onednn_calls(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
@@ -55,15 +60,11 @@ def test_logits_match_plain_transformers_and_onednn_really_runs(pair, photo):
     switched, reference = pair
     inputs = switched.processor(text="<OD>", images=photo, return_tensors="pt")
     decoder_ids = torch.tensor([[2, 0, *loc(switched.processor, 300, 400, 500)]])
-
-    def logits(florence):
-        with torch.inference_mode():
-            return florence.model(**inputs, decoder_input_ids=decoder_ids).logits
-
-    expected, got = logits(reference), logits(switched)
+    expected = step_logits(reference, inputs, decoder_ids)
+    got = step_logits(switched, inputs, decoder_ids)
     assert torch.allclose(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
-    assert onednn_calls(lambda: logits(switched)) > 10
-    assert onednn_calls(lambda: logits(reference)) == 0
+    assert onednn_calls(lambda: step_logits(switched, inputs, decoder_ids)) > 10
+    assert onednn_calls(lambda: step_logits(reference, inputs, decoder_ids)) == 0
 
 
 def test_forced_and_free_answers_are_the_same(pair, photo):
@@ -164,11 +165,6 @@ def test_use_plain_linears_undoes_the_switch(load_tiny, photo):
     assert use_plain_linears(florence.model) == len(linears) > 10
     assert not any("forward" in vars(m) or "_onednn" in vars(m) for m in florence.model.modules())
     assert onednn_calls(lambda: run(florence, photo, Task.CAPTION, max_new_tokens=3)) == 0
-
-
-def step_logits(florence, inputs, decoder_ids):
-    with torch.inference_mode():
-        return florence.model(**inputs, decoder_input_ids=decoder_ids).logits
 
 
 @pytest.mark.parametrize("change", ["in place", "through .data", "new tensor"])
