@@ -291,9 +291,10 @@ def use_onednn_linears(model: torch.nn.Module) -> int:
     fp32 inputs on the CPU outside autograd (inference). Inputs of at most :data:`FEW_ROWS`
     rows (a decoding step: batch x beams rows) multiply by a copy of the weight packed once
     in oneDNN's own layout instead of being reordered on every call: a 3-row layer 1.5-2x
-    faster, bit for bit the same result. The packed copies cost memory (the decoder and the
-    output projection again: 0.36 GB for base); a copy is packed again when its weight
-    is replaced or changed in place (also through ``.data``, as peft's merge does).
+    faster on this project's AMD EPYC, bit for bit the same result. The packed copies cost
+    memory (the decoder and the output projection again: 0.36 GB for base); a copy is packed
+    again when its weight is replaced or changed in place (also through ``.data``, as peft's
+    merge does).
 
     Anything else (bf16, CUDA, training, autocast, code being compiled by ``torch.compile``)
     takes ``nn.functional.linear`` as before. The results are the same fp32 products summed
