@@ -5,25 +5,32 @@ python -m florence_helpers IMAGE --task OD [--text ...] [--region X1 Y1 X2 Y2]
 python -m florence_helpers IMAGE --classes car,person,"traffic light"
 python -m florence_helpers label FOLDER --task OD --out labels.jsonl [--add] [--retry-errors]
 python -m florence_helpers convert OLD_REMOTE_CODE_CHECKPOINT NEW_FOLDER
-python -m florence_helpers serve [--host 127.0.0.1] [--port 8000] [--max-batch 8]
-python -m florence_helpers mcp      # MCP tools over stdio
+python -m florence_helpers serve [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+python -m florence_helpers mcp [--allow-folder DIR]      # MCP tools over stdio
 
-Exit codes: 0 done; 2 a mistake in the settings or the input (unknown task, missing text, an
-unreadable image, an output file that is not a label file or is in use); 3 no model could be
-loaded; 4 reading or writing files failed (a full disk, no permission). Each failure prints
-one line starting with "error:", never a traceback.
+Exit codes: 0 done; 1 an unexpected error (a bug: please report it; FLORENCE_DEBUG=1 shows
+where it happened); 2 a mistake in the settings or the input (unknown task, missing text, an
+unreadable image, an output that would overwrite an input, a label file of another job or in
+use, a damaged checkpoint to convert); 3 no model could be loaded; 4 reading or writing files
+failed (a full disk, no permission); 130 interrupted (Ctrl-C), after saying what was finished.
+Each failure prints one line starting with "error:", never a traceback. Everything that can be
+checked without the model (the task, the image, the outputs, the device) is checked before it
+loads.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from .images import ImageLoadError, load_image
+from .inputs import InputError, InputLimits, SettingError
 from .model import (
     DEFAULT_MODEL_ID,
     MODEL_ENV_VAR,
@@ -31,13 +38,36 @@ from .model import (
     ModelNotAvailableError,
     load_model,
 )
+from .outputs import OutputError, check_outputs, write_atomically
 from .prompts import TaskInputError, build_prompt
 from .regions import RegionError
 from .tasks import TASKS, Task, TaskSpec, UnknownTaskError, task_spec
 
+EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_NO_MODEL = 3
 EXIT_IO = 4
+EXIT_INTERRUPTED = 130
+DEBUG_ENV_VAR = "FLORENCE_DEBUG"
+
+# Mistakes in what the user gave: one "error:" line and exit code 2.
+_BAD_INPUT = (
+    UnknownTaskError,
+    ImageLoadError,
+    TaskInputError,
+    RegionError,
+    InputError,
+    SettingError,
+    OutputError,
+)
+
+
+class _Refused(Exception):
+    """A failure already explained to the user: carries the exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,23 +93,51 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("X1", "Y1", "X2", "Y2"),
         help="pixel box for the REGION_TO_* tasks",
     )
-    parser.add_argument(
-        "--model",
-        help=f"hub id or local directory (default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL_ID})",
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument(
-        "--scores", action="store_true", help="attach confidences from token probabilities"
-    )
+    _add_model_options(parser)
+    _add_generation_options(parser)
     parser.add_argument("--out", help="write the image with the result drawn on it here")
     parser.add_argument(
         "--json",
         action="store_true",
         help="print one compact JSON line, raw model output included (for scripts)",
     )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="let an image URL reach this host or network although it is not public "
+        "(e.g. 127.0.0.1 or 10.0.0.0/8); repeatable",
+    )
     return parser
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        help=f"hub id or local directory (default: ${MODEL_ENV_VAR}, else {DEFAULT_MODEL_ID})",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto, float32, bfloat16 or float16 (weights' precision)"
+    )
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--scores", action="store_true", help="attach confidences from token probabilities"
+    )
+
+
+def _add_classes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--classes",
+        type=lambda value: [name for name in value.split(",") if name.strip()],
+        help="comma-separated class names to detect, e.g. car,person (one open-vocabulary "
+        "detection per class, boxes labelled with these names)",
+    )
 
 
 def _readable_json(payload: dict) -> str:
@@ -109,28 +167,17 @@ def _label_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--retry-errors",
         action="store_true",
-        help="label again the images whose record is an error (replacing those records)",
+        help="label again the images of FOLDER whose record is an error (replacing those "
+        "records, and only those)",
     )
     parser.add_argument("--text", help="text for the tasks that take text")
     parser.add_argument("--region", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
     _add_classes(parser)
-    parser.add_argument("--model", help="hub id or local directory")
-    parser.add_argument("--device", default="auto")
+    _add_model_options(parser)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--scores", action="store_true", help="attach confidences")
+    _add_generation_options(parser)
     parser.add_argument("--coco", help="also write the boxes as a COCO JSON file here")
     return parser
-
-
-def _add_classes(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--classes",
-        type=lambda value: [name for name in value.split(",") if name.strip()],
-        help="comma-separated class names to detect, e.g. car,person (one open-vocabulary "
-        "detection per class, boxes labelled with these names)",
-    )
 
 
 def _task_and_classes(args: argparse.Namespace, default: str | None) -> TaskSpec:
@@ -153,23 +200,111 @@ def _task_and_classes(args: argparse.Namespace, default: str | None) -> TaskSpec
     return spec
 
 
-def _load_quietly(model_id: str | None, device: str) -> FlorenceModel | None:
-    """Load the model without transformers' progress bars; on failure print why, return None."""
+def _checked_device(args: argparse.Namespace) -> str:
+    """The dtype load_model will choose, checking --device and --dtype before it loads."""
+    from .model import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(args.device)
+        return str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
+    except (ValueError, RuntimeError, TypeError) as error:
+        raise _Refused(f"{error}", EXIT_BAD_INPUT) from None
+
+
+def _load(args: argparse.Namespace) -> FlorenceModel:
+    """Load the model without transformers' progress bars, or refuse with exit code 3."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return load_model(model_id, device=device)
+        return load_model(args.model, device=args.device, dtype=args.dtype)
     except ModelNotAvailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return None
+        raise _Refused(str(error), EXIT_NO_MODEL) from None
+
+
+def _check_image_output(path: str | None) -> None:
+    """Refuse an --out whose extension names no image format, before any work."""
+    from PIL import Image
+
+    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
+        raise OutputError(
+            f"--out {path}: the file name must end in an image format's extension "
+            "(.png, .jpg, .webp, ...)."
+        )
+
+
+def run_main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    # Everything that can be checked without the model is checked first.
+    spec = _task_and_classes(args, default="CAPTION")
+    local = "://" not in args.image or args.image.lower().startswith("file://")
+    check_outputs({"--out": args.out}, [args.image] if local else [])
+    _check_image_output(args.out)
+    image = load_image(args.image, limits=InputLimits(allowed_hosts=tuple(args.allow_host)))
+    if args.classes is None:
+        build_prompt(spec, image.size, text=args.text, region=args.region)
+    from .inference import check_generation_settings
+
+    check_generation_settings(args.num_beams, args.max_new_tokens)
+    _checked_device(args)
+    florence = _load(args)
+    result = _answer(florence, image, spec, args)
+    payload = result.to_dict()
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        payload.pop("raw")
+        print(_readable_json(payload))
+    if result.truncated:
+        print(
+            f"warning: the answer hit --max-new-tokens={args.max_new_tokens} and was cut off; "
+            "only what parsed cleanly is shown.",
+            file=sys.stderr,
+        )
+    if args.out:
+        _write_annotated(image, result, args.out)
+    return 0
+
+
+def _answer(florence: FlorenceModel, image: object, spec: TaskSpec, args: argparse.Namespace):
+    from .detection import detect
+    from .inference import run
+
+    settings = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "scores": args.scores,
+    }
+    if args.classes is not None:
+        return detect(florence, image, args.classes, **settings)
+    return run(florence, image, spec, text=args.text, region=args.region, **settings)
+
+
+def _write_annotated(image: object, result: object, path: str) -> None:
+    from PIL import Image
+
+    from .plotting import annotate
+
+    picture = annotate(image, result)
+    kind = Image.registered_extensions()[Path(path).suffix.lower()]
+    if kind == "JPEG":
+        picture = picture.convert("RGB")
+    write_atomically(path, lambda handle: picture.save(handle, format=kind))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
     from .inference import check_generation_settings
-    from .labelling import LabelFileError, check_label_file, export_coco, job_settings, label
+    from .labelling import (
+        LabelFileError,
+        check_label_file,
+        export_coco,
+        find_images,
+        job_settings,
+        label,
+    )
     from .model import resolve_model_id
 
     settings = {
@@ -177,58 +312,52 @@ def label_main(argv: Sequence[str]) -> int:
         "max_new_tokens": args.max_new_tokens,
         "scores": args.scores,
     }
+    spec = _task_and_classes(args, default=None)
+    if not Path(args.folder).is_dir():
+        raise ImageLoadError(f"Not a folder: {args.folder}")
+    if args.classes is None:
+        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
+    check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
+    images = find_images(args.folder)
+    check_outputs({"--out": args.out, "--coco": args.coco}, images)
+    dtype = _checked_device(args)
+    # The output file is checked before the model loads: a wrong --out fails in a second.
+    job = job_settings(
+        resolve_model_id(args.model),
+        spec,
+        text=args.text,
+        region=args.region,
+        classes=args.classes,
+        dtype=dtype,
+        **settings,
+    )
     try:
-        spec = _task_and_classes(args, default=None)
-        if not Path(args.folder).is_dir():
-            raise ImageLoadError(f"Not a folder: {args.folder}")
-        if args.classes is None:
-            build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
-        check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
-        # The output file is checked before the model loads: a wrong --out fails in a second.
-        job = job_settings(
-            resolve_model_id(args.model),
-            spec,
-            text=args.text,
-            region=args.region,
-            classes=args.classes,
-            **settings,
-        )
         check_label_file(args.out, job, add=args.add)
-    except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError, LabelFileError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    florence = _load_quietly(args.model, args.device)
-    if florence is None:
-        return EXIT_NO_MODEL
-    try:
-        summary = label(
-            florence,
-            args.folder,
-            spec,
-            args.out,
-            text=args.text,
-            region=args.region,
-            classes=args.classes,
-            batch_size=args.batch_size,
-            add=args.add,
-            retry_errors=args.retry_errors,
-            **settings,
-        )
-        retried = f", {summary.retried} of them retried errors" if summary.retried else ""
-        print(
-            f"wrote {summary.written} records ({summary.errors} errors{retried}) to "
-            f"{summary.output}; {summary.skipped} images were already there",
-            file=sys.stderr,
-        )
-        if args.coco:
-            dataset = export_coco(summary.output, args.coco)
-            print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
-    except (TaskInputError, LabelFileError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_IO
+    except LabelFileError as error:
+        raise _Refused(str(error), EXIT_BAD_INPUT) from None
+    florence = _load(args)
+    summary = label(
+        florence,
+        images,
+        spec,
+        args.out,
+        text=args.text,
+        region=args.region,
+        classes=args.classes,
+        batch_size=args.batch_size,
+        add=args.add,
+        retry_errors=args.retry_errors,
+        **settings,
+    )
+    retried = f", {summary.retried} of them retried errors" if summary.retried else ""
+    print(
+        f"wrote {summary.written} records ({summary.errors} errors{retried}) to "
+        f"{summary.output}; {summary.skipped} images were already there",
+        file=sys.stderr,
+    )
+    if args.coco:
+        dataset = export_coco(summary.output, args.coco)
+        print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
     return 0
 
 
@@ -258,126 +387,58 @@ def convert_main(argv: Sequence[str]) -> int:
     try:
         written = convert(args.old, args.new, overwrite=args.overwrite)
     except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise _Refused(str(error), EXIT_BAD_INPUT) from None
     print(f"wrote {written}; load it with load_model({str(written)!r})", file=sys.stderr)
     return 0
 
 
-def serve_main(argv: Sequence[str], mcp: bool = False) -> int:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m florence_helpers {'mcp' if mcp else 'serve'}",
-        description="Serve Florence-2 as MCP tools over stdio (caption, detect, read_text, ground)."
-        if mcp
-        else "Serve Florence-2 over HTTP: POST /v1/run, GET /v1/tasks, GET /healthz.",
-    )
-    parser.add_argument("--model", help="hub id or local directory")
-    parser.add_argument("--device", default="auto")
-    if not mcp:
-        parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-        parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=8, help="requests per generate call")
-    parser.add_argument(
-        "--max-wait-ms", type=float, default=10.0, help="how long a batch waits to fill"
-    )
-    parser.add_argument("--max-queue", type=int, default=64, help="waiting requests, at most")
-    parser.add_argument("--max-image-mb", type=float, default=20.0, help="largest image")
-    args = parser.parse_args(argv)
-    try:  # the "serve" extra: say so now, not after the model has loaded
-        if mcp:
-            import mcp as _sdk  # noqa: F401
-        else:
-            import fastapi  # noqa: F401
-            import uvicorn  # noqa: F401
-    except ImportError:
-        print(
-            'error: serving needs the "serve" extra: pip install "florence-helpers[serve]"',
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
-    from .serve import ServeSettings, mcp_server, serve
-
-    for name in ("max_batch", "max_queue"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be at least 1.", file=sys.stderr)
-            return EXIT_BAD_INPUT
-    settings = ServeSettings(
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        max_image_mb=args.max_image_mb,
-    )
-    florence = _load_quietly(args.model, args.device)
-    if florence is None:
-        return EXIT_NO_MODEL
-    if mcp:
-        mcp_server(florence, settings).run("stdio")
-    else:
-        serve(florence, host=args.host, port=args.port, settings=settings)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; every failure is one ``error:`` line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "label":
-        return label_main(argv[1:])
-    if argv and argv[0] == "convert":
-        return convert_main(argv[1:])
-    if argv and argv[0] in ("serve", "mcp"):
-        return serve_main(argv[1:], mcp=argv[0] == "mcp")
-    args = _parser().parse_args(argv)
+    command = argv[0] if argv and argv[0] in ("label", "convert", "serve", "mcp") else None
     try:
-        # Everything that can be checked without the model is checked first.
-        spec = _task_and_classes(args, default="CAPTION")
-        image = load_image(args.image)
-        if args.classes is None:
-            build_prompt(spec, image.size, text=args.text, region=args.region)
-        from .inference import check_generation_settings
+        if command == "label":
+            return label_main(argv[1:])
+        if command == "convert":
+            return convert_main(argv[1:])
+        if command in ("serve", "mcp"):
+            from .serve_cli import serve_main
 
-        check_generation_settings(args.num_beams, args.max_new_tokens)
-    except (UnknownTaskError, ImageLoadError, TaskInputError, RegionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-    florence = _load_quietly(args.model, args.device)
-    if florence is None:
-        return EXIT_NO_MODEL
-
-    from .detection import detect
-    from .inference import run
-    from .plotting import annotate
-
-    settings = {
-        "num_beams": args.num_beams,
-        "max_new_tokens": args.max_new_tokens,
-        "scores": args.scores,
-    }
-    try:
-        if args.classes is not None:
-            result = detect(florence, image, args.classes, **settings)
-        else:
-            result = run(florence, image, spec, text=args.text, region=args.region, **settings)
-    except (TaskInputError, RegionError) as error:  # checks that need the model (prompt length)
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    payload = result.to_dict()
-    if args.json:
-        print(json.dumps(payload, ensure_ascii=False))
-    else:
-        payload.pop("raw")
-        print(_readable_json(payload))
-    if result.truncated:
-        print(
-            f"warning: the answer hit --max-new-tokens={args.max_new_tokens} and was cut off; "
-            "only what parsed cleanly is shown.",
-            file=sys.stderr,
+            return serve_main(argv[1:], mcp=command == "mcp")
+        return run_main(argv)
+    except _Refused as refused:
+        return _fail(str(refused), refused.code)
+    except _BAD_INPUT as error:
+        return _fail(str(error), EXIT_BAD_INPUT)
+    except KeyboardInterrupt as interrupt:
+        return _fail(_interrupted(interrupt, command), EXIT_INTERRUPTED)
+    except OSError as error:
+        return _fail(_one_line(error), EXIT_IO)
+    except Exception as error:  # noqa: BLE001 - the contract: one line, never a traceback
+        if os.environ.get(DEBUG_ENV_VAR):
+            traceback.print_exc()
+        return _fail(
+            f"unexpected {type(error).__name__}: {error}. This is a bug in florence-helpers: "
+            f"please report it (set {DEBUG_ENV_VAR}=1 to see where it happened).",
+            EXIT_BUG,
         )
-    if args.out:
-        try:
-            annotate(image, result).save(args.out)
-        except (OSError, ValueError) as error:
-            detail = _one_line(error) if isinstance(error, OSError) else str(error)
-            print(f"error: could not write {args.out}: {detail}", file=sys.stderr)
-            return EXIT_IO
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    first, *rest = str(message).strip().splitlines() or [""]
+    print(f"error: {' '.join([first, *[line.strip() for line in rest]])}", file=sys.stderr)
+    return code
+
+
+def _interrupted(interrupt: KeyboardInterrupt, command: str | None) -> str:
+    summary = getattr(interrupt, "summary", None)
+    if summary is not None:
+        return (
+            f"interrupted: {summary.written} records were written whole to {summary.output} "
+            "before it; run the same command again to resume."
+        )
+    if command == "convert":
+        return "interrupted: nothing was written (the unfinished folder was removed)."
+    if command == "label":
+        return "interrupted before any record was written."
+    return "interrupted: nothing was written."

@@ -1,14 +1,17 @@
-"""Load images from anything a user is likely to hold, as upright RGB PIL images."""
+"""Load images from anything a user is likely to hold, as upright RGB PIL images.
+
+Every image from outside passes the limits of :mod:`florence_helpers.inputs`: its size in
+pixels is read from the file's header and checked before anything is decoded, and a URL is
+fetched under that module's address policy and deadline.
+"""
 
 from __future__ import annotations
 
 import errno
-import http.client
 import io
 import os
 import re
-import time
-import urllib.error
+import struct
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -16,14 +19,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .inputs import (
+    DEFAULT_MAX_MB,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_TIMEOUT_S,
+    InputError,
+    InputLimits,
+    check_local_path,
+)
+from .inputs import fetch_url as _fetch_url
+
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 """A path, URL, encoded bytes, PIL image or numpy array (HxW, HxWx3 or HxWx4)."""
 
-URL_MAX_MB = 50.0
+URL_MAX_MB = DEFAULT_MAX_MB
 """The largest image :func:`load_image` downloads by default, in megabytes."""
-URL_TIMEOUT_S = 60.0
+URL_TIMEOUT_S = DEFAULT_TIMEOUT_S
 """How long :func:`load_image` waits for a whole download by default, in seconds."""
-_READ_CHUNK = 1 << 16
 _NOT_FOR_PILLOW = {
     ".svg": "an SVG drawing (vector graphics), which Pillow cannot read: convert it to PNG "
     "first (for example with cairosvg or Inkscape)",
@@ -42,8 +54,10 @@ class ImageLoadError(ValueError):
 def load_image(
     source: ImageSource,
     *,
-    max_mb: float = URL_MAX_MB,
-    timeout: float = URL_TIMEOUT_S,
+    limits: InputLimits | None = None,
+    max_mb: float | None = None,
+    timeout: float | None = None,
+    max_pixels: int | None = None,
 ) -> Image.Image:
     """Return ``source`` as an RGB PIL image, turned upright according to its EXIF orientation.
 
@@ -54,43 +68,79 @@ def load_image(
         source: A file path, an ``http(s)://`` or ``file://`` URL, encoded image bytes, a PIL
             image, or a numpy array of shape HxW, HxWx3 or HxWx4 (uint8, uint16, or floats
             in 0..1).
-        max_mb: For a URL: the largest download accepted, in megabytes.
-        timeout: For a URL: the longest the whole download may take, in seconds.
+        limits: What an image may cost and where it may come from
+            (:class:`~florence_helpers.inputs.InputLimits`): by default at most 50 MB
+            downloaded within 60 s, at most 89.5 million pixels decoded, URLs only to public
+            addresses, any local path.
+        max_mb: For a URL: the largest download accepted, in megabytes (overrides ``limits``).
+        timeout: For a URL: the longest the whole download may take, in seconds (overrides
+            ``limits``).
+        max_pixels: The largest image decoded, width times height (overrides ``limits``).
 
     Returns:
         A new RGB image.
 
     Raises:
-        ImageLoadError: The file is missing or unreadable, the URL cannot be fetched (or is
-            too large or too slow), or the array has an unsupported shape or type. The
-            message names the source.
+        ImageLoadError: The file is missing or unreadable, has more pixels than allowed, the
+            URL cannot be fetched (too large, too slow, an address not allowed), or the array
+            has an unsupported shape or type. The message names the source.
+        SettingError: A limit that is not a positive finite number.
 
     Example:
         >>> import numpy as np
         >>> load_image(np.zeros((4, 6), dtype=np.uint8)).size
         (6, 4)
     """
+    limits = (limits or InputLimits()).with_overrides(
+        max_mb=max_mb, timeout=timeout, max_pixels=max_pixels
+    )
     if isinstance(source, Image.Image):
         image = source.copy()
     elif isinstance(source, np.ndarray):
         image = _from_array(source)
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        image = _decode(bytes(source), "the given bytes")
+        image = decode_image(bytes(source), "the given bytes", max_pixels=limits.max_pixels)
     elif isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        if text.startswith(("http://", "https://")):
-            image = _decode(_fetch(text, max_mb=max_mb, timeout=timeout), text)
-        elif text.startswith("file://"):
+        if isinstance(text, bytes):
+            text = os.fsdecode(text)
+        if text.lower().startswith(("http://", "https://")):
+            image = _from_url(text, limits)
+        elif text.lower().startswith("file://"):
             local = urllib.request.url2pathname(urllib.parse.urlparse(text).path)
-            image = _open_file(Path(local))
+            image = _open_file(_allowed(local, limits), limits)
         else:
-            image = _open_file(Path(text).expanduser())
+            image = _open_file(_allowed(text, limits), limits)
     else:
         raise ImageLoadError(
             f"Cannot read an image from a {type(source).__name__}: pass a path, URL, bytes, "
             "PIL image or numpy array."
         )
     return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _allowed(path: str, limits: InputLimits) -> Path:
+    try:
+        return check_local_path(path, limits)
+    except InputError as error:
+        raise ImageLoadError(str(error)) from None
+
+
+def _from_url(url: str, limits: InputLimits) -> Image.Image:
+    """Fetch and decode; a decoding failure says nothing of the bytes the server sent."""
+    try:
+        data = _fetch_url(url, limits)
+    except InputError as error:
+        raise ImageLoadError(str(error)) from None
+    try:
+        return decode_image(data, url, max_pixels=limits.max_pixels)
+    except ImageLoadError as error:
+        if "pixels" in str(error):
+            raise
+        raise ImageLoadError(
+            f"Could not read the data at {url} as an image: it is not a picture in a format "
+            "Pillow reads."
+        ) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -116,7 +166,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open_file(path: Path) -> Image.Image:
+def _open_file(path: Path, limits: InputLimits) -> Image.Image:
     try:
         path.stat()
     except OSError as error:
@@ -135,78 +185,78 @@ def _open_file(path: Path) -> Image.Image:
     unreadable = _NOT_FOR_PILLOW.get(path.suffix.lower())
     if unreadable:
         raise ImageLoadError(f"Cannot read {path}: it is {unreadable}.")
-    return _decode(path, str(path))
+    return decode_image(path, str(path), max_pixels=limits.max_pixels)
 
 
-def _decode(data: bytes | Path, name: str) -> Image.Image:
+def decode_image(
+    data: bytes | os.PathLike, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Decode an image file or encoded bytes, refusing more than ``max_pixels`` pixels.
+
+    The size is read from the file's header first: an image that is too large is refused
+    before a byte of it is decoded (a 20 kB PNG can hold 13000x13000 pixels).
+
+    Raises:
+        ImageLoadError: Not an image Pillow reads, a damaged one, or one with too many pixels.
+    """
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(too_large_message(name, width * height, max_pixels))
             opened.load()
             return opened.copy()
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(too_large_message(name, str(error))) from error
+        raise ImageLoadError(too_large_message(name, _pixels_in(str(error)), None)) from error
+    except ImageLoadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"Could not read {name} as an image: {error}") from error
+    except (MemoryError, RecursionError, EOFError, IndexError, struct.error) as error:
+        raise ImageLoadError(f"Could not read {name} as an image: it is damaged.") from error
 
 
-def too_large_message(name: str, detail: str) -> str:
+def _pixels_in(detail: str) -> int | None:
+    found = re.search(r"\((\d+) pixels\)", detail)
+    return int(found.group(1)) if found else None
+
+
+def image_size(data: bytes | os.PathLike) -> tuple[int, int]:
+    """An image's width and height from its header, without decoding it.
+
+    Raises:
+        ImageLoadError: Not an image Pillow reads.
+    """
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
+            return opened.size
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(too_large_message("the image", _pixels_in(str(error)))) from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
+        raise ImageLoadError(
+            "Could not read the image: it is not a picture Pillow reads."
+        ) from None
+
+
+def too_large_message(name: str, pixels: int | str | None, limit: int | None = None) -> str:
     """Say which image is too large, how large, and how to read it anyway."""
-    pixels = re.search(r"\((\d+) pixels\)", detail)
-    size = f"{int(pixels.group(1)) / 1e6:,.0f} megapixels" if pixels else "too many pixels"
-    limit = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
+    if isinstance(pixels, str):  # Pillow's own message
+        pixels = _pixels_in(pixels)
+    size = f"{pixels / 1e6:,.0f} megapixels" if pixels else "too many pixels"
+    if limit is not None:
+        return (
+            f"Did not decode {name}: it has {size}, more than the {limit / 1e6:,.1f} megapixels "
+            "allowed (a guard against images that take gigabytes to decode). Florence-2 sees "
+            "every image at 768x768, so a smaller copy loses nothing: shrink the file first, or "
+            "allow more with max_pixels=..."
+        )
+    pillow = (Image.MAX_IMAGE_PIXELS or 0) * 2 / 1e6
     return (
         f"Cannot open {name}: it has {size}, more than Pillow opens by default "
-        f"({limit:,.0f} megapixels, a guard against decompression bombs). Florence-2 sees "
+        f"({pillow:,.0f} megapixels, a guard against decompression bombs). Florence-2 sees "
         "every image at 768x768, so a smaller copy loses nothing: shrink the file first, or, "
         "if you trust it and have the memory, raise the limit before loading: "
         "`PIL.Image.MAX_IMAGE_PIXELS = None`."
-    )
-
-
-def _fetch(url: str, *, max_mb: float, timeout: float) -> bytes:
-    """Download ``url``, refusing more than ``max_mb`` or more than ``timeout`` seconds."""
-    limit = int(max_mb * 1e6)
-    deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "florence-helpers"})
-    try:
-        # Each read waits at most 10 s, and the deadline is checked between reads.
-        with urllib.request.urlopen(request, timeout=min(timeout, 10)) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageLoadError(_too_big(url, int(declared), max_mb))
-            data = bytearray()
-            while True:
-                if time.monotonic() > deadline:
-                    raise ImageLoadError(
-                        f"Could not download the image at {url}: it took more than {timeout:g} "
-                        "s (pass timeout=... to load_image to wait longer)."
-                    )
-                chunk = response.read1(_READ_CHUNK)  # what has arrived, not a full chunk
-                if not chunk:
-                    break
-                data += chunk
-                if len(data) > limit:
-                    raise ImageLoadError(_too_big(url, len(data), max_mb, at_least=True))
-            if declared and declared.isdigit() and len(data) < int(declared):
-                raise http.client.IncompleteRead(bytes(data), int(declared) - len(data))
-            return bytes(data)
-    except ImageLoadError:
-        raise
-    except http.client.IncompleteRead as error:
-        raise ImageLoadError(
-            f"Could not download the image at {url}: the server closed the connection after "
-            f"{len(error.partial)} bytes"
-            + (f" of {len(error.partial) + error.expected:,}." if error.expected else ".")
-        ) from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as error:
-        raise ImageLoadError(f"Could not download the image at {url}: {error}") from error
-
-
-def _too_big(url: str, size: int, max_mb: float, at_least: bool = False) -> str:
-    return (
-        f"Did not download the image at {url}: it is {'more than ' if at_least else ''}"
-        f"{size / 1e6:,.1f} MB, above the {max_mb:g} MB limit (pass max_mb=... to load_image "
-        "to allow more)."
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from typing import Any, overload
 
@@ -285,6 +287,14 @@ def check_prompt_lengths(
             f"max_new_tokens={max_new_tokens} is more than this checkpoint's decoder can write: "
             f"it has {limit} positions. Use at most {limit}."
         )
+    room = limit - image_tokens
+    for prompt in prompts:  # a text that cannot fit is refused before it is tokenised
+        if len(prompt) > room * _longest_token(tokenizer):
+            raise TaskInputError(
+                f"The prompt is too long: {len(prompt):,} characters cannot fit in the {room} "
+                f"tokens of text beside the image's {image_tokens}: this checkpoint's text "
+                f"encoder reads at most {limit}. Shorten the text (it begins {prompt[:60]!r})."
+            )
     construct = getattr(florence.processor, "_construct_prompts", None)
     written = construct(list(prompts)) if construct is not None else list(prompts)
     lengths = []
@@ -302,6 +312,23 @@ def check_prompt_lengths(
             )
         lengths.append(length)
     return lengths
+
+
+_LONGEST_TOKEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token stands for (its vocabulary's longest entry): a text
+    longer than this many characters per token cannot fit."""
+    try:
+        return _LONGEST_TOKEN[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    vocabulary = tokenizer.get_vocab()
+    longest = max((len(token) for token in vocabulary), default=1)
+    with contextlib.suppress(TypeError):
+        _LONGEST_TOKEN[tokenizer] = longest
+    return longest
 
 
 def _positions(florence: FlorenceModel) -> int:

@@ -42,6 +42,11 @@ def build_prompt(
         '<REGION_TO_CATEGORY><loc_15><loc_41><loc_468><loc_833>'
     """
     spec = task_spec(task)
+    if text is not None and not isinstance(text, str):
+        raise TaskInputError(
+            f"text must be a string, got {type(text).__name__} {text!r:.60} (a number, a list "
+            "or bytes is not turned into text)."
+        )
     has_text = text is not None and str(text).strip() != ""
     if spec.input is InputKind.NONE:
         if has_text or region is not None:

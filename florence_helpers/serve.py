@@ -1,23 +1,36 @@
-"""Serve Florence-2 over HTTP, batching the requests that arrive together.
+"""Serve Florence-2 over HTTP, batching the requests that arrive together, behind one guard.
 
 ``python -m florence_helpers serve`` (or :func:`create_app` in your own ASGI server) starts a
 FastAPI app on uvicorn with one loaded model:
 
-- ``POST /v1/run``: an image (a multipart upload named ``image``, or a ``url`` field) and a
-  ``task`` (with ``text`` or ``region`` where the task takes them, or a ``prompt`` of your own
-  with ``parse``), ``num_beams``, ``max_new_tokens``, ``scores``; answers with the result's JSON
-  (:meth:`Result.to_dict`). The same fields also come as a JSON body, with ``url``.
+- ``POST /v1/run``: an image (a multipart upload named ``image``; or, in a JSON body, ``image``
+  as base64 or a ``data:`` URL, or a ``url``) and a ``task`` (with ``text`` or ``region``
+  where the task takes them, or a ``prompt`` of your own with ``parse``), ``num_beams``,
+  ``max_new_tokens``, ``scores``; answers with the result's JSON (:meth:`Result.to_dict`).
 - ``GET /v1/tasks``: the tasks, what each takes and gives back.
-- ``GET /healthz``: the model, its device and dtype, and how many requests are waiting.
+- ``GET /healthz``: ``ok`` and how many requests are waiting (and, to a client with the key,
+  the model's name, device and dtype; never a file path).
 
 Requests for the same task and settings that arrive within ``max_wait_ms`` of each other run in
-one ``generate`` call (up to ``max_batch``); each still gets exactly its own answer. When more
-than ``max_queue`` requests wait, a new one is answered 503 with ``Retry-After`` instead of the
-queue growing without bound. Every bad request gets a 4xx and a JSON error naming the field:
-``{"error": {"field": "text", "message": "..."}}``; never a traceback, never a dead server.
-On shutdown the server stops taking requests and answers every accepted one before it exits.
+one ``generate`` call (:mod:`florence_helpers.batching`). What a request may cost and reach is
+decided before the work it asks for (:class:`ServeSettings`):
 
-The app needs the ``serve`` extra: ``pip install "florence-helpers[serve]"``.
+- **Who may ask**: an optional API key (``Authorization: Bearer KEY`` or ``X-API-Key``,
+  compared in constant time); only the Host names the server is known by (a DNS-rebinding
+  page cannot reach it); no cross-origin browser requests unless their origin is allowed
+  (CORS is off by default); /docs and /openapi.json off unless asked.
+- **What it may cost**: every body has a size cap, chunked ones too, and a deadline; an
+  image's pixels are read from its header and checked (alone, and against all images in
+  flight) before it is decoded; text length, beams and tokens have upper bounds; when
+  ``max_queue`` requests are in flight a new one is answered 503 before its body is read;
+  a request whose client left is dropped; each request has a deadline; shutdown has one too.
+- **What it may fetch**: a ``url`` is fetched under :mod:`florence_helpers.inputs`' policy
+  (http/https only; public addresses only on every hop unless allowed; one deadline), on its
+  own threads, so slow URLs never hold up uploads; errors never repeat what the remote said.
+
+Every refusal is ``{"error": {"field": ..., "message": ...}}`` with a 4xx or 5xx status, also
+404 and 405. The app needs the ``serve`` extra: ``pip install "florence-helpers[serve]"``.
+TLS is not its job: put it behind a reverse proxy to expose it beyond one machine.
 """
 
 # No "from __future__ import annotations" here: FastAPI reads the endpoints' annotations.
@@ -25,275 +38,156 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
+import ipaddress
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-from .images import ImageLoadError, load_image
-from .inference import check_generation_settings, check_prompt_lengths, run
+from .batching import Batcher, Job, QueueFull, ShuttingDown
+from .images import ImageLoadError, image_size, load_image, too_large_message
+from .inputs import InputLimits, check_number
 from .model import FlorenceModel
-from .prompts import TaskInputError, build_prompt
+from .prompts import TaskInputError
 from .regions import RegionError
-from .tasks import TASKS, InputKind, TaskSpec, UnknownTaskError, custom_task, task_spec
+from .serve_requests import RequestError, check_request, read_fields
+from .tasks import TASKS
+
+__all__ = [  # Batcher, Job, RequestError and check_request were first defined here
+    "API_KEY_ENV_VAR",
+    "Batcher",
+    "Job",
+    "QueueFull",
+    "RequestError",
+    "ServeSettings",
+    "Server",
+    "ShuttingDown",
+    "check_request",
+    "create_app",
+    "mcp_server",
+    "running_server",
+    "serve",
+    "start_server",
+    "task_list",
+]
+logger = logging.getLogger(__name__)
+API_KEY_ENV_VAR = "FLORENCE_API_KEY"
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclasses.dataclass
 class ServeSettings:
-    """How the server batches and what it accepts.
+    """How the server batches, what a request may cost, and who and what it may reach.
 
     Attributes:
         max_batch: Requests decoded together in one ``generate`` call, at most.
         max_wait_ms: How long the first request of a batch waits for others to join it.
-        max_queue: Requests waiting at once, at most; past that, 503 with ``Retry-After``.
+        max_queue: Requests in flight at once (reading, decoding, waiting, running); past
+            that, 503 with ``Retry-After`` before the body is read.
         max_image_mb: The largest image accepted, uploaded or downloaded, in megabytes.
-        url_timeout_s: How long downloading an image URL may take, in seconds.
+        max_image_pixels: The largest image decoded, in pixels, read from its header first.
+        max_pixels_in_flight: All images held at once, in pixels: past it, 503.
+        url_timeout_s: How long fetching an image URL may take, redirects included.
+        request_timeout_s: How long a request may take from its first byte to its answer.
+        shutdown_timeout_s: How long shutting down waits for requests in progress.
+        max_beams: The largest ``num_beams`` a request may ask for.
+        max_new_tokens: The largest ``max_new_tokens`` a request may ask for.
+        max_text_chars: The longest ``text`` or ``prompt``, in characters (checked before
+            tokenising; the model's own limit in tokens is checked after).
+        api_key: Requests must carry it (``Authorization: Bearer KEY`` or ``X-API-Key``);
+            None: no key asked.
+        server_names: Host names clients reach the server by (the Host header). Empty: the
+            loopback names when listening on loopback, else the listening address.
+        cors_origins: Web origins whose pages may call the server (``https://app.example``);
+            empty: CORS off, and cross-origin browser requests refused.
+        docs: Serve /docs and /openapi.json.
+        fetch_hosts: Non-public hosts or networks a ``url`` may reach (see
+            :class:`~florence_helpers.inputs.InputLimits`); empty: public addresses only.
+        allowed_folders: For the MCP tools: folders whose images they may read (empty: none).
+        fetch_workers: URLs fetched at once (their own threads, apart from decoding).
+        decode_workers: Images decoded at once.
     """
 
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
     max_image_mb: float = 20.0
+    max_image_pixels: int = 40_000_000
+    max_pixels_in_flight: int = 200_000_000
     url_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0
+    shutdown_timeout_s: float = 30.0
+    max_beams: int = 8
+    max_new_tokens: int = 1024
+    max_text_chars: int = 4000
+    api_key: str | None = None
+    server_names: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    docs: bool = False
+    fetch_hosts: tuple[str, ...] = ()
+    allowed_folders: tuple[str, ...] = ()
+    fetch_workers: int = 4
+    decode_workers: int = 2
 
-
-class RequestError(ValueError):
-    """A request the server refuses: the field at fault, the message and the HTTP status."""
-
-    def __init__(self, field: str, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.field, self.message, self.status = field, message, status
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than ``max_queue``."""
-
-
-class ShuttingDown(RuntimeError):
-    """The server is closing and takes no new requests."""
-
-
-@dataclasses.dataclass
-class Job:
-    """One checked request waiting for its answer."""
-
-    image: Any
-    spec: TaskSpec
-    text: str | None
-    region: tuple[float, ...] | None
-    settings: tuple[tuple[str, Any], ...]  # generation settings, hashable
-    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+    def __post_init__(self) -> None:
+        whole = ("max_batch", "max_queue", "max_beams", "max_new_tokens", "max_text_chars")
+        for name in (*whole, "fetch_workers", "decode_workers"):
+            check_number(getattr(self, name), name, minimum=1, integer=True)
+        for name in ("max_image_pixels", "max_pixels_in_flight"):
+            check_number(getattr(self, name), name, minimum=1, integer=True)
+        check_number(self.max_wait_ms, "max_wait_ms", minimum=0)
+        for name in ("max_image_mb", "url_timeout_s", "request_timeout_s", "shutdown_timeout_s"):
+            check_number(getattr(self, name), name, minimum=0, above=True)
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string, or None for no key.")
 
     @property
-    def key(self) -> tuple[Any, ...]:
-        """Jobs with the same key can share one ``run`` call."""
-        return (self.spec, self.settings)
-
-
-class Batcher:
-    """Runs jobs on one model in a worker thread, several of the same kind per ``run`` call."""
-
-    def __init__(self, florence: FlorenceModel, settings: ServeSettings | None = None) -> None:
-        self.florence = florence
-        self.settings = settings or ServeSettings()
-        self._pending: list[Job] = []
-        self._condition = threading.Condition()
-        self._closing = False
-        self._busy = 0
-        self.batches = 0  # run() calls made, for the curious (and the tests)
-        self._thread = threading.Thread(target=self._work, name="florence-batcher", daemon=True)
-        self._thread.start()
-
-    def submit(self, job: Job) -> concurrent.futures.Future:
-        """Queue a job; its future gets the result, or the error that job met."""
-        with self._condition:
-            if self._closing:
-                raise ShuttingDown("The server is shutting down.")
-            if len(self._pending) + self._busy >= self.settings.max_queue:
-                raise QueueFull(f"{len(self._pending) + self._busy} requests are waiting.")
-            self._pending.append(job)
-            self._condition.notify()
-        return job.future
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1e6)
 
     @property
-    def waiting(self) -> int:
-        with self._condition:
-            return len(self._pending) + self._busy
+    def max_body_bytes(self) -> int:
+        """An image as base64 (4/3 of its bytes) and the other fields."""
+        return self.max_image_bytes * 4 // 3 + 64_000
 
-    def close(self, timeout: float | None = None) -> None:
-        """Take no new jobs; finish every accepted one; stop the worker."""
-        with self._condition:
-            self._closing = True
-            self._condition.notify_all()
-        self._thread.join(timeout)
-
-    def _work(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            finally:
-                with self._condition:
-                    self._busy -= len(batch)
-
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest waiting job and those of its kind that arrive within ``max_wait_ms``."""
-        with self._condition:
-            while not self._pending:
-                if self._closing:
-                    return None
-                self._condition.wait()
-            first = self._pending[0]
-            deadline = time.monotonic() + self.settings.max_wait_ms / 1000
-            while True:
-                same = [job for job in self._pending if job.key == first.key]
-                left = deadline - time.monotonic()
-                if len(same) >= self.settings.max_batch or left <= 0 or self._closing:
-                    break
-                self._condition.wait(left)
-            batch = same[: self.settings.max_batch]
-            for job in batch:
-                self._pending.remove(job)
-            self._busy += len(batch)
-            return batch
-
-    def _run(self, batch: list[Job]) -> None:
-        first = batch[0]
-        settings = dict(first.settings)
-        self.batches += 1
-        try:
-            results = run(
-                self.florence,
-                [job.image for job in batch],
-                first.spec,
-                [job.text for job in batch] if first.text is not None else None,
-                region=[job.region for job in batch] if first.region is not None else None,
-                batch_size=len(batch),
-                progress=False,
-                **settings,
-            )
-        except Exception:  # noqa: BLE001 - one job may spoil the batch: answer each alone
-            for job in batch:
-                self._run_alone(job, settings)
-            return
-        for job, result in zip(batch, results, strict=True):
-            job.future.set_result(result)
-
-    def _run_alone(self, job: Job, settings: dict[str, Any]) -> None:
-        try:
-            result = run(
-                self.florence,
-                job.image,
-                job.spec,
-                job.text,
-                region=job.region,
-                progress=False,
-                **settings,
-            )
-        except Exception as error:  # noqa: BLE001 - the error is this job's answer
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-
-def check_request(
-    florence: FlorenceModel,
-    image: Any,
-    *,
-    task: str | None,
-    text: str | None = None,
-    region: Any = None,
-    prompt: str | None = None,
-    parse: str = "text",
-    num_beams: Any = 3,
-    max_new_tokens: Any = 1024,
-    scores: Any = False,
-) -> Job:
-    """Turn the fields of a request into a checked :class:`Job`, or raise :class:`RequestError`
-    naming the field at fault. ``image`` is already a loaded PIL image."""
-    task = task if task not in ("", None) else None
-    prompt = prompt if prompt not in ("", None) else None
-    if (task is None) == (prompt is None):
-        raise RequestError("task", "Give a task (e.g. CAPTION) or a prompt, not both or neither.")
-    if prompt is not None:
-        try:
-            spec = custom_task(prompt, result=parse)
-        except ValueError as error:
-            raise RequestError("parse", str(error)) from None
-    else:
-        try:
-            spec = task_spec(task)
-        except UnknownTaskError as error:
-            raise RequestError("task", str(error), 400) from None
-    box = _region(region)
-    text = text if text not in ("", None) else None
-    try:
-        build_prompt(spec, image.size, text=text, region=box)
-    except RegionError as error:
-        raise RequestError("region", str(error)) from None
-    except TaskInputError as error:
-        if text is not None:
-            field = "text"
-        elif box is not None:
-            field = "region"
-        else:  # something missing: what the task takes
-            field = "region" if spec.input is InputKind.REGION else "text"
-        raise RequestError(field, str(error)) from None
-    beams, tokens = _integer(num_beams, "num_beams"), _integer(max_new_tokens, "max_new_tokens")
-    try:
-        check_generation_settings(beams, tokens)
-    except TaskInputError as error:
-        raise RequestError(str(error).split()[0], str(error)) from None
-    try:
-        check_prompt_lengths(florence, [build_prompt(spec, image.size, text, box)], tokens)
-    except TaskInputError as error:
-        field = "max_new_tokens" if "max_new_tokens" in str(error) else "text"
-        raise RequestError(field, str(error)) from None
-    settings = (("max_new_tokens", tokens), ("num_beams", beams), ("scores", _flag(scores)))
-    return Job(image=image, spec=spec, text=text, region=box, settings=settings)
-
-
-def _region(value: Any) -> tuple[float, ...] | None:
-    if value in (None, "", []):
-        return None
-    if isinstance(value, str):
-        value = value.replace(",", " ").split()
-    try:
-        numbers = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        raise RequestError(
-            "region", f"A region is four numbers x1, y1, x2, y2 in pixels, got {value!r}."
-        ) from None
-    if len(numbers) != 4:
-        raise RequestError(
-            "region", f"A region is four numbers x1, y1, x2, y2 in pixels, got {len(numbers)}."
+    def input_limits(self) -> InputLimits:
+        """The limits every image of a request is read under."""
+        return InputLimits(
+            max_mb=self.max_image_mb,
+            max_pixels=self.max_image_pixels,
+            timeout=self.url_timeout_s,
+            allowed_hosts=tuple(self.fetch_hosts),
+            allowed_folders=tuple(self.allowed_folders),
         )
-    return numbers
 
 
-def _integer(value: Any, field: str) -> int:
-    if isinstance(value, bool):
-        raise RequestError(field, f"{field} must be a whole number, got {value!r}.")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(field, f"{field} must be a whole number, got {value!r}.") from None
-    if not number.is_integer():
-        raise RequestError(field, f"{field} must be a whole number, got {value!r}.")
-    return int(number)
+class _PixelBudget:
+    """Pixels of all images held at once: a reservation is refused past the total."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, pixels: int) -> bool:
+        with self._lock:
+            if self.used + pixels > self.total:
+                return False
+            self.used += pixels
+            return True
+
+    def release(self, pixels: int) -> None:
+        with self._lock:
+            self.used -= pixels
 
 
-def _flag(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise RequestError("scores", f"scores must be true or false, got {value!r}.")
+def _error(field: str, message: str, status: int, **headers: str) -> Any:
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"field": field, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def task_list() -> list[dict[str, str]]:
@@ -310,8 +204,286 @@ def task_list() -> list[dict[str, str]]:
     ]
 
 
-def create_app(florence: FlorenceModel, settings: ServeSettings | None = None) -> Any:
+def model_name(model_id: str) -> str:
+    """A model as the server shows it: a hub id as it is, a local folder by its name only."""
+    return os.path.basename(os.path.normpath(model_id)) if os.path.isdir(model_id) else model_id
+
+
+class _Guard:
+    """ASGI middleware deciding, before any work, who may ask and what a request may cost."""
+
+    def __init__(self, app: Any, settings: ServeSettings, names: tuple[str, ...] | None) -> None:
+        self.app, self.settings, self.names = app, settings, names
+        self.in_flight = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        refusal = self._refusal(scope, headers)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        admitted = scope["path"] == "/v1/run"
+        if admitted:
+            if self.in_flight >= self.settings.max_queue:
+                busy = f"{self.in_flight} requests are in progress. Try again shortly."
+                await _error("", f"The server is busy: {busy}", 503, **{"Retry-After": "1"})(
+                    scope, receive, send
+                )
+                return
+            self.in_flight += 1
+        try:
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                body = await self._body(headers, receive)
+                if not isinstance(body, bytes):
+                    await body(scope, receive, send)
+                    return
+                receive = _replay(body, receive)
+            await self.app(scope, receive, send)
+        finally:
+            if admitted:
+                self.in_flight -= 1
+
+    def _refusal(self, scope: Any, headers: Any) -> Any:
+        host = _host_name(headers.get("host", ""))
+        if self.names is not None and host not in self.names:
+            return _error(
+                "host", "This server does not answer to that host name (the Host header).", 400
+            )
+        origin = headers.get("origin")
+        if origin and origin not in self.settings.cors_origins and not _same_origin(origin, host):
+            return _error("origin", "Requests from web pages of other origins are refused.", 403)
+        key = self.settings.api_key
+        if key is None or scope["path"] == "/healthz":
+            return None
+        if scope["method"] == "OPTIONS" and self.settings.cors_origins:
+            return None  # a CORS preflight carries no key
+        if not _key_matches(headers, key):
+            return _error(
+                "authorization",
+                "A valid API key is needed: send 'Authorization: Bearer KEY' or 'X-API-Key'.",
+                401,
+                **{"WWW-Authenticate": "Bearer"},
+            )
+        return None
+
+    async def _body(self, headers: Any, receive: Any) -> Any:
+        """The whole body, or an error response: too large (chunked too) or too slow."""
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return _error("body", f"The request is larger than the {limit / 1e6:g} MB limit.", 413)
+        chunks, size = [], 0
+
+        async def read() -> Any:
+            nonlocal size
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    return _error(
+                        "body", f"The request is larger than the {limit / 1e6:g} MB limit.", 413
+                    )
+                chunks.append(chunk)
+                if not message.get("more_body"):
+                    return b"".join(chunks)
+
+        try:
+            body = await asyncio.wait_for(read(), self.settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            return _error("body", "The request body did not arrive in time.", 408)
+        return body if body is not None else _error("body", "The client left.", 400)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    sent = False
+
+    async def replayed() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _host_name(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    import urllib.parse
+
+    try:
+        return (urllib.parse.urlsplit(origin).hostname or "").lower() == host
+    except ValueError:
+        return False
+
+
+def _key_matches(headers: Any, key: str) -> bool:
+    given = headers.get("x-api-key")
+    authorization = headers.get("authorization", "")
+    if given is None and authorization[:7].lower() == "bearer ":
+        given = authorization[7:].strip()
+    return given is not None and hmac.compare_digest(given.encode(), key.encode())
+
+
+def server_names(settings: ServeSettings, host: str) -> tuple[str, ...] | None:
+    """The Host names the server answers to; None (any) only when listening on every
+    address with no names given."""
+    if settings.server_names:
+        return tuple(_host_name(n) for n in settings.server_names)
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return _LOOPBACK_NAMES
+    except ValueError:
+        pass
+    return (*_LOOPBACK_NAMES, _host_name(host))
+
+
+class _Service:
+    """What the run endpoint needs: the batcher, the thread pools and the pixel budget."""
+
+    def __init__(self, florence: FlorenceModel, settings: ServeSettings) -> None:
+        self.florence, self.settings = florence, settings
+        self.limits = settings.input_limits()
+        self.batcher = Batcher(
+            florence,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+        )
+        self.fetching = concurrent.futures.ThreadPoolExecutor(
+            settings.fetch_workers, thread_name_prefix="florence-fetch"
+        )
+        self.decoding = concurrent.futures.ThreadPoolExecutor(
+            settings.decode_workers, thread_name_prefix="florence-decode"
+        )
+        self.budget = _PixelBudget(settings.max_pixels_in_flight)
+
+    def close(self) -> None:
+        self.batcher.close(self.settings.shutdown_timeout_s)
+        self.fetching.shutdown(wait=False, cancel_futures=True)
+        self.decoding.shutdown(wait=False, cancel_futures=True)
+
+    async def answer(self, request: Any) -> Any:
+        """The run endpoint: read, check, reserve, decode, queue, wait; or a refusal."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        reserved, future = 0, None
+        try:
+            fields, source = await read_fields(request, self.settings.max_image_bytes)
+            if isinstance(source, str):
+                source = await self._in(self.fetching, self._fetch, source, deadline, "url")
+            width, height = await self._in(self.decoding, image_size, source, deadline, "image")
+            if width * height > self.settings.max_image_pixels:
+                message = too_large_message("the image", width * height, self.limits.max_pixels)
+                raise RequestError("image", message, 413)
+            if not self.budget.reserve(width * height):
+                return _error("", "The server is busy with large images.", 503, **_RETRY)
+            reserved = width * height
+            image = await self._in(self.decoding, self._decode, source, deadline, "image")
+            job = await self._in(self.decoding, self._job, (image, fields), deadline, "")
+            future = self.batcher.submit(job)
+        except RequestError as bad:
+            return _error(bad.field, bad.message, bad.status)
+        except QueueFull as full:
+            return _error("", f"The server is busy: {full} Try again shortly.", 503, **_RETRY)
+        except ShuttingDown as closing:
+            return _error("", str(closing), 503, **{"Retry-After": "5"})
+        finally:
+            if reserved and future is None:
+                self.budget.release(reserved)
+        future.add_done_callback(lambda _: self.budget.release(reserved))
+        return await self._wait(future, request, deadline)
+
+    async def _in(self, pool: Any, work: Any, value: Any, deadline: float, field: str) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(pool, work, value), max(deadline - loop.time(), 0.001)
+            )
+        except asyncio.TimeoutError:
+            raise RequestError(field, "The request took too long.", 504) from None
+        except ImageLoadError as bad:
+            status = 413 if "limit" in str(bad) or "pixels" in str(bad) else 400
+            raise RequestError(field, str(bad), status) from None
+
+    def _fetch(self, url: str) -> bytes:
+        from .inputs import InputError, fetch_url
+
+        try:
+            return fetch_url(url, self.limits)
+        except InputError as error:
+            raise ImageLoadError(str(error)) from None
+
+    def _decode(self, data: bytes) -> Any:
+        return load_image(data, limits=self.limits)
+
+    def _job(self, loaded: tuple[Any, dict[str, Any]]) -> Any:
+        image, fields = loaded
+        settings = self.settings
+        return check_request(
+            self.florence,
+            image,
+            task=fields.get("task"),
+            text=fields.get("text"),
+            region=fields.get("region"),
+            prompt=fields.get("prompt"),
+            parse=fields.get("parse"),
+            num_beams=fields.get("num_beams", 3),
+            max_new_tokens=fields.get("max_new_tokens", settings.max_new_tokens),
+            scores=fields.get("scores", False),
+            max_beams=settings.max_beams,
+            max_tokens=settings.max_new_tokens,
+            max_text_chars=settings.max_text_chars,
+        )
+
+    async def _wait(self, future: Any, request: Any, deadline: float) -> Any:
+        """The answer; a 504 past the deadline; nothing run for a client that left."""
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.wrap_future(future)
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                future.cancel()
+                return _error("", "The request took too long.", 504)
+            done, _ = await asyncio.wait({waiting}, timeout=min(left, 0.25))
+            if done:
+                break
+            if await request.is_disconnected():
+                future.cancel()  # dropped unless the worker has started it already
+                return _error("", "The client left.", 499)
+        try:
+            return waiting.result().to_dict()
+        except (TaskInputError, RegionError, ImageLoadError) as bad:
+            return _error("", str(bad), 422)
+        except ShuttingDown as closing:
+            return _error("", str(closing), 503, **{"Retry-After": "5"})
+
+
+_RETRY = {"Retry-After": "1"}
+
+
+def create_app(
+    florence: FlorenceModel, settings: ServeSettings | None = None, *, host: str = "127.0.0.1"
+) -> Any:
     """The FastAPI app serving ``florence``. Run it with uvicorn (``serve`` does).
+
+    ``host`` is the address it will listen on: it decides the Host names answered by
+    default (see :attr:`ServeSettings.server_names`).
 
     Example:
         >>> app = create_app(load_model(), ServeSettings(max_batch=16))  # doctest: +SKIP
@@ -319,45 +491,41 @@ def create_app(florence: FlorenceModel, settings: ServeSettings | None = None) -
     """
     try:
         from fastapi import FastAPI, Request
-        from fastapi.responses import JSONResponse
     except ImportError:
         raise ImportError(
             'Serving needs the optional packages of the "serve" extra: '
             'pip install "florence-helpers[serve]".'
         ) from None
     settings = settings or ServeSettings()
-    state: dict[str, Batcher] = {}
+    state: dict[str, _Service] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> Any:
-        state["batcher"] = Batcher(florence, settings)
-        app.state.batcher = state["batcher"]
+        state["service"] = _Service(florence, settings)
+        app.state.batcher = state["service"].batcher
         try:
             yield
         finally:
-            # Uvicorn has already waited for the requests in progress; nothing is dropped.
-            await asyncio.to_thread(state["batcher"].close)
+            # Uvicorn has already waited for the requests in progress (up to its timeout).
+            await asyncio.to_thread(state["service"].close)
 
-    app = FastAPI(title="Florence-2", version="1", lifespan=lifespan)
-
-    def error(field: str, message: str, status: int, **headers: str) -> Any:
-        body = {"error": {"field": field, "message": message}}
-        return JSONResponse(body, status_code=status, headers=headers or None)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Any, exc: Exception) -> Any:
-        return error("", f"{type(exc).__name__}: {exc}", 500)
+    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="Florence-2", version="1", lifespan=lifespan, **docs)
+    _add_middleware(app, settings, server_names(settings, host))
+    _add_error_handlers(app)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        batcher = state.get("batcher")
-        return {
+    async def healthz(request: Request) -> dict[str, Any]:
+        service = state.get("service")
+        health: dict[str, Any] = {
             "status": "ok",
-            "model": florence.model_id,
-            "device": str(florence.device),
-            "dtype": str(florence.dtype).removeprefix("torch."),
-            "waiting": batcher.waiting if batcher else 0,
+            "waiting": service.batcher.waiting if service else 0,
         }
+        if settings.api_key is None or _key_matches(request.headers, settings.api_key):
+            health["model"] = model_name(florence.model_id)
+            health["device"] = str(florence.device)
+            health["dtype"] = str(florence.dtype).removeprefix("torch.")
+        return health
 
     @app.get("/v1/tasks")
     async def tasks() -> list[dict[str, str]]:
@@ -365,95 +533,55 @@ def create_app(florence: FlorenceModel, settings: ServeSettings | None = None) -
 
     @app.post("/v1/run")
     async def run_task(request: Request) -> Any:
-        limit = int(settings.max_image_mb * 1e6)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64_000:
-            return error(
-                "image", f"The request is larger than the {settings.max_image_mb:g} MB limit.", 413
-            )
-        try:
-            fields, image = await _read_request(request, settings, limit)
-            job = await asyncio.to_thread(
-                check_request,
-                florence,
-                image,
-                task=fields.get("task"),
-                text=fields.get("text"),
-                region=fields.get("region"),
-                prompt=fields.get("prompt"),
-                parse=fields.get("parse") or "text",
-                num_beams=fields.get("num_beams", 3),
-                max_new_tokens=fields.get("max_new_tokens", 1024),
-                scores=fields.get("scores", False),
-            )
-            future = state["batcher"].submit(job)
-        except RequestError as bad:
-            return error(bad.field, bad.message, bad.status)
-        except QueueFull as full:
-            return error(
-                "", f"The server is busy: {full} Try again shortly.", 503, **{"Retry-After": "1"}
-            )
-        except ShuttingDown as closing:
-            return error("", str(closing), 503, **{"Retry-After": "5"})
-        try:
-            result = await asyncio.wrap_future(future)
-        except (TaskInputError, RegionError, ImageLoadError) as bad:
-            return error("", str(bad), 422)
-        return result.to_dict()
+        return await state["service"].answer(request)
 
     return app
 
 
-async def _read_request(request: Any, settings: ServeSettings, limit: int) -> tuple[dict, Any]:
-    """The request's fields and its image (uploaded or downloaded, decoded)."""
-    kind = request.headers.get("content-type", "")
-    if kind.startswith("application/json"):
-        try:
-            fields = await request.json()
-        except ValueError:
-            raise RequestError("body", "The body is not valid JSON.", 400) from None
-        if not isinstance(fields, dict):
-            raise RequestError("body", "The JSON body must be an object of fields.", 400)
-        upload = None
-    elif kind.startswith("multipart/form-data") or kind.startswith(
-        "application/x-www-form-urlencoded"
-    ):
-        try:
-            form = await request.form(max_part_size=limit + 1)
-        except Exception as bad:  # noqa: BLE001 - a malformed or oversized form
-            raise RequestError("body", f"The form could not be read: {bad}", 400) from None
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        upload = form.get("image")
-        upload = None if isinstance(upload, str) else upload
-    else:
-        raise RequestError(
-            "body", "Send multipart/form-data (an image upload) or a JSON body with a url.", 415
+def _add_middleware(app: Any, settings: ServeSettings, names: tuple[str, ...] | None) -> None:
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
-    url = fields.get("url")
-    if upload is not None and url:
-        raise RequestError("image", "Give an uploaded image or a url, not both.", 400)
-    if upload is not None:
-        data = await upload.read(limit + 1)
-        if len(data) > limit:
-            raise RequestError(
-                "image", f"The image is larger than the {settings.max_image_mb:g} MB limit.", 413
-            )
-        source: Any = data
-    elif url:
-        if not str(url).startswith(("http://", "https://")):
-            raise RequestError("url", "Only http:// and https:// image URLs are fetched.", 400)
-        source = str(url)
-    else:
-        raise RequestError("image", "No image: upload one as 'image', or give a 'url'.", 400)
-    try:
-        image = await asyncio.to_thread(
-            load_image, source, max_mb=settings.max_image_mb, timeout=settings.url_timeout_s
-        )
-    except ImageLoadError as bad:
-        field = "url" if isinstance(source, str) else "image"
-        status = 413 if "limit" in str(bad) else 400
-        raise RequestError(field, str(bad), status) from None
-    return fields, image
+    app.add_middleware(_Guard, settings=settings, names=names)  # added last: runs first
+
+
+def _add_error_handlers(app: Any) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Any, exc: HTTPException) -> Any:
+        messages = {404: "No such endpoint.", 405: "That method is not allowed here."}
+        message = messages.get(exc.status_code, str(exc.detail))
+        return _error("", message, exc.status_code, **(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Any, exc: RequestValidationError) -> Any:
+        return _error("body", "The request does not have the expected form.", 422)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Any, exc: Exception) -> Any:
+        logger.exception("Unexpected error answering %s", request.url.path)
+        return _error("", "An unexpected error occurred; the server's log has the details.", 500)
+
+
+def _uvicorn_config(app: Any, host: str, port: int, settings: ServeSettings, level: str) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=level,
+        timeout_graceful_shutdown=max(int(settings.shutdown_timeout_s), 1),
+        server_header=False,
+    )
 
 
 def serve(
@@ -466,25 +594,29 @@ def serve(
     """Serve ``florence`` until interrupted (what ``python -m florence_helpers serve`` runs)."""
     import uvicorn
 
-    uvicorn.run(create_app(florence, settings), host=host, port=port, log_level="info")
+    settings = settings or ServeSettings()
+    app = create_app(florence, settings, host=host)
+    uvicorn.Server(_uvicorn_config(app, host, port, settings, "info")).run()
 
 
 class Server:
     """A server running in a background thread of this process (see :func:`start_server`)."""
 
-    def __init__(self, florence: FlorenceModel, host: str, port: int, settings: Any) -> None:
+    def __init__(
+        self, florence: FlorenceModel, host: str, port: int, settings: ServeSettings | None
+    ) -> None:
         import socket
 
         import uvicorn
 
+        settings = settings or ServeSettings()
         if port == 0:
             with socket.socket() as probe:
                 probe.bind((host, 0))
                 port = probe.getsockname()[1]
         self.url = f"http://{host}:{port}"
-        self.app = create_app(florence, settings)
-        config = uvicorn.Config(self.app, host=host, port=port, log_level="warning")
-        self._server = uvicorn.Server(config)
+        self.app = create_app(florence, settings, host=host)
+        self._server = uvicorn.Server(_uvicorn_config(self.app, host, port, settings, "warning"))
         self._thread = threading.Thread(target=self._server.run, name="florence-server")
         self._thread.daemon = True
         self._thread.start()
@@ -546,77 +678,7 @@ def running_server(
 
 
 def mcp_server(florence: FlorenceModel, settings: ServeSettings | None = None) -> Any:
-    """An MCP server (the official ``mcp`` SDK) whose tools run Florence-2 on an image.
+    """The MCP server (see :func:`florence_helpers.mcp_tools.mcp_server`)."""
+    from .mcp_tools import mcp_server as build
 
-    Tools: ``caption`` (one sentence, a few, or a paragraph), ``detect`` (objects, or the class
-    names you give), ``read_text`` (each line with its quadrilateral) and ``ground`` (the boxes
-    of a phrase). Each takes an image path or an http(s) URL, and runs through the same checks
-    and batching as the HTTP server. ``python -m florence_helpers mcp`` serves it over stdio.
-    """
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
-
-    from .detection import check_classes, merge_detections
-
-    batcher = Batcher(florence, settings)
-    limits = batcher.settings
-    server = MCPServer(
-        "florence-2", instructions="Florence-2 vision tools: pass an image path or URL."
-    )
-
-    def picture(image: str) -> Any:
-        try:
-            return load_image(image, max_mb=limits.max_image_mb, timeout=limits.url_timeout_s)
-        except ImageLoadError as error:  # the client's mistake: its message goes back to it
-            raise ToolError(str(error)) from None
-
-    def answer(image: str, task: str, text: str | None = None) -> Any:
-        try:
-            job = check_request(florence, picture(image), task=task, text=text)
-        except RequestError as error:
-            raise ToolError(f"{error.field}: {error.message}") from None
-        return batcher.submit(job).result()
-
-    @server.tool()
-    def caption(image: str, detail: str = "sentence") -> str:
-        """Describe an image. detail: "sentence", "detailed" (a few sentences) or "paragraph"."""
-        tasks = {"sentence": "CAPTION", "detailed": "DETAILED_CAPTION"}
-        return answer(image, tasks.get(detail, "MORE_DETAILED_CAPTION")).text
-
-    @server.tool()
-    def detect(image: str, classes: list[str] | None = None) -> dict[str, Any]:
-        """Find objects: every object it knows (no classes), or each of the class names given.
-        Boxes are x1, y1, x2, y2 in pixels."""
-        if not classes:
-            found = answer(image, "OD")
-        else:
-            try:
-                names = check_classes(classes)
-                loaded = picture(image)
-                jobs = [
-                    check_request(florence, loaded, task="OPEN_VOCABULARY_DETECTION", text=name)
-                    for name in names
-                ]
-            except (TaskInputError, RequestError) as error:
-                raise ToolError(str(error)) from None
-            results = [batcher.submit(job).result() for job in jobs]
-            found = merge_detections(results, names)
-        return {"labels": found.labels, "boxes": found.boxes.round(1).tolist()}
-
-    @server.tool()
-    def read_text(image: str) -> list[dict[str, Any]]:
-        """Read the text of an image: each line with its four corners (x, y) in pixels."""
-        lines = answer(image, "OCR_WITH_REGION")
-        return [
-            {"text": text, "quad": quad.round(1).tolist()}
-            for text, quad in zip(lines.texts, lines.quads, strict=True)
-        ]
-
-    @server.tool()
-    def ground(image: str, phrase: str) -> dict[str, Any]:
-        """Find what a phrase describes: its boxes, x1, y1, x2, y2 in pixels."""
-        found = answer(image, "OPEN_VOCABULARY_DETECTION", phrase)
-        return {"phrase": phrase, "boxes": found.boxes.round(1).tolist()}
-
-    server.florence_batcher = batcher  # type: ignore[attr-defined]
-    return server
+    return build(florence, settings)

@@ -24,12 +24,13 @@ from florence_helpers import (
     ImageLoadError,
     ModelNotAvailableError,
     TaskInputError,
-    labelling,
     load_image,
+    outputs,
     run,
 )
 from florence_helpers.adapters import AdapterError, add_lora, load_adapter, save_adapter
 from florence_helpers.conversions import from_coco
+from florence_helpers.inputs import InputLimits
 from florence_helpers.labelling import LabelFileError, find_images, label, read_labels
 from florence_helpers.regions import RegionError
 from florence_helpers.training_data import (
@@ -173,8 +174,8 @@ def test_a_second_writer_is_refused_at_once(florence, photos, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from florence_helpers import labelling"
-            "\nwith labelling._locked(Path(sys.argv[1])):\n print('held', flush=True)\n"
+            "import sys, time; from pathlib import Path; from florence_helpers import label_files"
+            "\nwith label_files.locked(Path(sys.argv[1])):\n print('held', flush=True)\n"
             " time.sleep(60)",
             str(out),
         ],
@@ -204,27 +205,27 @@ def test_a_full_disk_stops_the_job_with_every_finished_record_intact(
 
     def full_after_two_writes(fd):
         calls.append(fd)
-        if len(calls) == 3:  # the job line, one batch, then the disk is full
+        if len(calls) == 3:  # the job line with one batch, another batch, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(labelling.os, "fsync", full_after_two_writes)
-    with pytest.raises(OSError, match=r"No space left on device\. The 1 records written before"):
+    monkeypatch.setattr(outputs.os, "fsync", full_after_two_writes)
+    with pytest.raises(OSError, match=r"No space left on device\. The 2 records written before"):
         label(florence, photos, "CAPTION", out, batch_size=1, **FAST)
     assert out.read_bytes().endswith(b"\n")  # no torn line
-    assert len(records(out)) == 1
-    monkeypatch.setattr(labelling.os, "fsync", real_fsync)
+    assert len(records(out)) == 2
+    monkeypatch.setattr(outputs.os, "fsync", real_fsync)
     summary = label(florence, photos, "CAPTION", out, batch_size=1, **FAST)
-    assert (summary.written, summary.skipped) == (2, 1)
+    assert (summary.written, summary.skipped) == (1, 2)
     assert len(records(out)) == 3
 
 
 def test_the_cli_reports_a_full_disk_in_one_line_and_exit_code_4(photos, tmp_path, tiny_model_dir):
     script = (
         "import errno, os, sys\n"
-        "from florence_helpers import labelling, cli\n"
+        "from florence_helpers import outputs, cli\n"
         "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "labelling.os.fsync = full\n"
+        "outputs.os.fsync = full\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     out = tmp_path / "labels.jsonl"
@@ -362,24 +363,22 @@ def server():
 
 
 def test_urls_have_a_size_cap_and_a_deadline(server, florence):
-    assert load_image(f"{server}/cat.jpg").size == (451, 300)
+    local = InputLimits(allowed_hosts=("127.0.0.1",))  # loopback is refused by default
+    assert load_image(f"{server}/cat.jpg", limits=local).size == (451, 300)
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"2,000\.0 MB, above the 50 MB limit"):
-        load_image(f"{server}/huge")
+        load_image(f"{server}/huge", limits=local)
     assert time.monotonic() - start < 5
     with pytest.raises(ImageLoadError, match=r"above the 0\.01 MB limit"):
-        load_image(f"{server}/cat.jpg", max_mb=0.01)
+        load_image(f"{server}/cat.jpg", max_mb=0.01, limits=local)
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"took more than 1 s"):
-        load_image(f"{server}/slow", timeout=1)
+        load_image(f"{server}/slow", timeout=1, limits=local)
     assert time.monotonic() - start < 5
-    with pytest.raises(ImageLoadError, match=r"closed the connection after 1000 bytes"):
-        run(
-            florence,
-            f"{server}/cut",
-            "CAPTION",
-            **{k: v for k, v in FAST.items() if k != "progress"},
-        )
+    with pytest.raises(ImageLoadError, match=r"closed after 1,000 of"):
+        load_image(f"{server}/cut", limits=local)
+    with pytest.raises(ImageLoadError, match=r"non-public address"):  # run() keeps the default
+        run(florence, f"{server}/cat.jpg", "CAPTION", max_new_tokens=4, num_beams=1)
 
 
 # --- Checkpoints and adapters ---------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from florence_helpers import ImageLoadError, load_image
+from florence_helpers.inputs import InputLimits
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -67,16 +68,20 @@ def test_url(tmp_path, photo):
     thread.start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert load_image(f"{base}/photo.png").size == (400, 300)
-        with pytest.raises(ImageLoadError, match=rf"Could not download the image at {base}/x"):
-            load_image(f"{base}/x.png")
+        local = InputLimits(allowed_hosts=("127.0.0.1",))
+        assert load_image(f"{base}/photo.png", limits=local).size == (400, 300)
+        with pytest.raises(ImageLoadError, match=rf"Could not download {base}/x.png: .*HTTP 404"):
+            load_image(f"{base}/x.png", limits=local)
+        with pytest.raises(ImageLoadError, match="non-public address"):
+            load_image(f"{base}/photo.png")  # loopback is refused unless allowed
     finally:
         server.shutdown()
 
 
 def test_unreachable_url_is_named():
-    with pytest.raises(ImageLoadError, match=r"Could not download the image at http://127\.0"):
-        load_image("http://127.0.0.1:9/photo.jpg")
+    local = InputLimits(allowed_hosts=("127.0.0.0/8",))
+    with pytest.raises(ImageLoadError, match=r"download http://127\.0.*could not connect"):
+        load_image("http://127.0.0.1:9/photo.jpg", limits=local)
 
 
 def test_exif_orientation_is_applied(photo):

@@ -1,0 +1,301 @@
+"""The one way in: URL policy, deadlines, caps on bytes and pixels, settings, local paths.
+
+Every server here is a real listener on a loopback address; "never contacted" is checked by
+the listener itself counting the connections it accepted.
+"""
+
+import io
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from loopback import Listener, http_reply  # noqa: E402
+from PIL import Image
+
+from florence_helpers import ImageLoadError, TaskInputError, build_prompt, load_image
+from florence_helpers.inputs import (
+    ForbiddenAddressError,
+    InputError,
+    InputLimits,
+    SettingError,
+    check_local_path,
+    check_number,
+    check_url,
+    fetch_url,
+    is_public_address,
+)
+
+LOOPBACK = InputLimits(allowed_hosts=("127.0.0.1",))
+
+
+def png(width: int = 40, height: int = 30) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def listeners():
+    made = []
+
+    def make(*args, **kwargs) -> Listener:
+        made.append(Listener(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.close()
+
+
+# --- addresses ---------------------------------------------------------------------------------
+
+FORBIDDEN_NETWORKS = [
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",  # link-local, cloud metadata (169.254.169.254)
+    "100.64.0.0/10",  # shared address space (Alibaba's metadata 100.100.100.200)
+    "0.0.0.0/8",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::1/128",
+    "fc00::/7",  # unique local (AWS's IPv6 metadata fd00:ec2::254)
+    "fe80::/10",
+    "::/128",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(FORBIDDEN_NETWORKS), st.integers(min_value=0, max_value=2**128 - 1))
+def test_no_address_in_a_forbidden_network_counts_as_public(network, offset):
+    net = ipaddress.ip_network(network)
+    address = net[offset % net.num_addresses]
+    assert not is_public_address(address)
+    if address.version == 4:  # the same address wrapped in IPv6
+        assert not is_public_address(ipaddress.ip_address(f"::ffff:{address}"))
+        sixtofour = ipaddress.ip_address((0x2002 << 112) | (int(address) << 80))
+        assert not is_public_address(sixtofour)
+
+
+def test_public_addresses_are_public():
+    for text in ("93.184.215.14", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
+        assert is_public_address(ipaddress.ip_address(text)), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_check_url_refuses_anything_but_http_with_its_own_error(text):
+    try:
+        parts = check_url(text)
+    except InputError:
+        return
+    assert parts.scheme.lower() in ("http", "https") and parts.hostname
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/a.png",
+        "file:///etc/passwd",
+        "gopher://example.com/",
+        "http://user:secret@example.com/a.png",
+        "http:///a.png",
+        "http://example.com:99999/a.png",
+        "http://exa mple.com/a.png",
+    ],
+)
+def test_urls_that_are_never_fetched(url):
+    with pytest.raises(InputError):
+        check_url(url)
+
+
+def test_a_loopback_listener_is_never_contacted_directly(listeners):
+    target = listeners(reply=lambda path: http_reply("200 OK", png()))
+    for url in (target.url + "/a.png", f"http://localhost:{target.port}/a.png"):
+        with pytest.raises(ForbiddenAddressError, match="non-public address"):
+            fetch_url(url)
+    assert target.accepted == 0
+
+
+def test_a_redirect_to_a_forbidden_address_is_not_followed(listeners):
+    hidden = listeners("127.0.0.2", reply=lambda path: http_reply("200 OK", png()))
+    ftp = listeners("127.0.0.2", reply=lambda path: b"220 SECRET-FTP ready\r\n")
+    targets = {
+        "/internal": f"{hidden.url}/a.png",
+        "/ftp": f"ftp://127.0.0.2:{ftp.port}/",
+        "/metadata": "http://169.254.169.254/latest/meta-data/",
+    }
+    redirector = listeners(
+        reply=lambda path: http_reply("302 Found", Location=targets.get(path, "/"))
+    )
+    for path in targets:
+        with pytest.raises(InputError) as caught:
+            fetch_url(redirector.url + path, LOOPBACK)
+        assert "SECRET" not in str(caught.value)
+    assert hidden.accepted == 0 and ftp.accepted == 0
+
+
+def test_an_allowed_host_is_fetched_and_redirects_within_it_are_followed(listeners):
+    served = listeners(
+        reply=lambda path: (
+            http_reply("200 OK", png())
+            if path == "/a.png"
+            else http_reply("301 M", Location="/a.png")
+        )
+    )
+    assert fetch_url(served.url + "/old", LOOPBACK) == png()
+    assert load_image(served.url + "/old", limits=LOOPBACK).size == (40, 30)
+    network = InputLimits(allowed_hosts=("127.0.0.0/8",))
+    assert fetch_url(served.url + "/a.png", network) == png()
+
+
+def test_errors_never_repeat_what_the_remote_said(listeners):
+    banner = listeners(reply=lambda path: b"SSH-2.0-SECRET-BANNER\r\n")
+    not_found = listeners(reply=lambda path: http_reply("404 SECRET-REASON", b"SECRET-BODY"))
+    not_image = listeners(reply=lambda path: http_reply("200 OK", b"\x89PNG SECRET-BYTES"))
+    for server in (banner, not_found, not_image):
+        with pytest.raises(ImageLoadError) as caught:
+            load_image(server.url + "/x.png", limits=LOOPBACK)
+        assert "SECRET" not in str(caught.value), str(caught.value)
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    port = refused.getsockname()[1]
+    refused.close()  # nothing listens there now
+    with pytest.raises(InputError, match="could not connect") as caught:
+        fetch_url(f"http://127.0.0.1:{port}/", LOOPBACK)
+    assert "refused" not in str(caught.value).lower()
+
+
+def test_one_deadline_covers_dripping_headers(listeners):
+    drip = listeners(reply=lambda path: http_reply("200 OK", png()), delay=0.2, step=1)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="more than 1 s"):
+        fetch_url(drip.url + "/a.png", InputLimits(timeout=1, allowed_hosts=("127.0.0.1",)))
+    assert time.monotonic() - started < 2.5
+
+
+def test_one_deadline_covers_every_redirect(listeners):
+    def slow_redirect(path: str) -> bytes:
+        time.sleep(0.4)
+        step = int(path.strip("/") or 0) + 1
+        return http_reply("302 Found", Location=f"/{step}")
+
+    chain = listeners(reply=slow_redirect)
+    limits = InputLimits(timeout=1, allowed_hosts=("127.0.0.1",), max_redirects=20)
+    started = time.monotonic()
+    with pytest.raises(InputError, match="more than 1 s"):
+        fetch_url(chain.url + "/0", limits)
+    assert time.monotonic() - started < 2.5
+    with pytest.raises(InputError, match="more than 2 redirects"):
+        fetch_url(chain.url + "/0", InputLimits(allowed_hosts=("127.0.0.1",), max_redirects=2))
+
+
+def test_the_byte_cap_holds_with_and_without_a_declared_length(listeners):
+    big = b"x" * 300_000
+    declared = listeners(reply=lambda path: http_reply("200 OK", big))
+    chunks = b"".join(b"%x\r\n" % 50_000 + b"y" * 50_000 + b"\r\n" for _ in range(6))
+    chunked = listeners(
+        reply=lambda path: b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    limits = InputLimits(max_mb=0.1, allowed_hosts=("127.0.0.1",))
+    for server in (declared, chunked):
+        with pytest.raises(InputError, match="above the 0.1 MB limit"):
+            fetch_url(server.url + "/a", limits)
+
+
+BOMB = """
+import io, resource, sys
+from PIL import Image
+from florence_helpers import ImageLoadError, load_image
+buffer = io.BytesIO()
+Image.new("1", (13000, 13000)).save(buffer, "PNG")  # a few kB on disk
+data = buffer.getvalue()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    load_image(data)
+    print("decoded")
+except ImageLoadError as error:
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(len(data), (after - before) // 1024, error)
+"""
+
+
+def test_a_pixel_bomb_is_refused_from_its_header_with_bounded_memory():
+    done = subprocess.run([sys.executable, "-c", BOMB], capture_output=True, text=True, timeout=120)
+    size, grown_mb, message = done.stdout.split(" ", 2)
+    assert int(size) < 100_000 and "169 megapixels" in message and "max_pixels" in message
+    assert int(grown_mb) < 100, done.stdout  # decoding would take 169 MB at least
+
+
+def test_the_pixel_cap_is_a_setting_and_applies_to_files_and_bytes(tmp_path):
+    path = tmp_path / "wide.png"
+    path.write_bytes(png(400, 300))
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ImageLoadError, match="0.1 megapixels allowed"):
+            load_image(source, max_pixels=100_000)
+        assert load_image(source, max_pixels=120_000).size == (400, 300)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"timeout": 0}, "timeout must be more than 0"),
+        ({"timeout": -1}, "timeout must be more than 0"),
+        ({"max_mb": float("nan")}, "max_mb must be a finite number"),
+        ({"max_mb": "20"}, "max_mb must be a number, got str"),
+        ({"max_pixels": 2.5}, "max_pixels must be a whole number"),
+        ({"max_pixels": True}, "max_pixels must be a whole number, got bool"),
+        ({"timeout": float("inf")}, "timeout must be a finite number"),
+    ],
+)
+def test_limits_are_checked_for_type_and_range(changes, message):
+    with pytest.raises(SettingError, match=message):
+        InputLimits(**changes)
+    with pytest.raises(SettingError, match=message):
+        load_image(png(), **changes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=5)))
+def test_check_number_accepts_only_finite_numbers_in_range(value):
+    try:
+        number = check_number(value, "x", minimum=1, maximum=10, integer=True)
+    except SettingError:
+        return
+    assert isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= 10
+
+
+@pytest.mark.parametrize("text", [b"cat", 5, ["a", "b"], 2.5])
+def test_text_that_is_not_a_string_is_refused_not_converted(text):
+    with pytest.raises(TaskInputError, match="text must be a string"):
+        build_prompt("OPEN_VOCABULARY_DETECTION", (10, 10), text=text)
+
+
+def test_local_paths_stay_inside_the_allowed_folders(tmp_path):
+    inside, outside = tmp_path / "allowed", tmp_path / "other"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png())
+    (inside / "ok.png").write_bytes(png())
+    (inside / "escape.png").symlink_to(outside / "secret.png")
+    limits = InputLimits(allowed_folders=(inside,))
+    assert load_image(inside / "ok.png", limits=limits).size == (40, 30)
+    for path in (
+        outside / "secret.png",
+        inside / "escape.png",
+        inside / ".." / "other" / "secret.png",
+        f"file://{outside / 'secret.png'}",
+    ):
+        with pytest.raises(ImageLoadError, match="outside the folders"):
+            load_image(path, limits=limits)
+    with pytest.raises(InputError, match="reads no local files"):
+        check_local_path(inside / "ok.png", InputLimits(allowed_folders=()))
+    assert check_local_path("~/x.png") == Path(os.path.expanduser("~/x.png"))
