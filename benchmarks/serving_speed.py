@@ -22,7 +22,7 @@ from inference_speed import ANSWER_TOKENS, build, forced, in_dtype, processor_na
 from PIL import Image
 
 from florence_helpers import Task, run
-from florence_helpers import serve as serving
+from florence_helpers import batching as serving  # the worker queue calls run()
 from florence_helpers.model import cpu_has_native_bf16, resolve_dtype
 from florence_helpers.serve import ServeSettings, start_server
 

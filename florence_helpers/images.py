@@ -25,6 +25,7 @@ from .inputs import (
     DEFAULT_TIMEOUT_S,
     InputError,
     InputLimits,
+    TooLargeError,
     check_local_path,
 )
 from .inputs import fetch_url as _fetch_url
@@ -49,6 +50,10 @@ _NOT_FOR_PILLOW = {
 
 class ImageLoadError(ValueError):
     """Raised when an image cannot be found, fetched or decoded. The message names it."""
+
+
+class ImageTooLargeError(ImageLoadError):
+    """An image past a limit: more pixels, or more bytes to download, than allowed."""
 
 
 def load_image(
@@ -130,13 +135,15 @@ def _from_url(url: str, limits: InputLimits) -> Image.Image:
     """Fetch and decode; a decoding failure says nothing of the bytes the server sent."""
     try:
         data = _fetch_url(url, limits)
+    except TooLargeError as error:
+        raise ImageTooLargeError(str(error)) from None
     except InputError as error:
         raise ImageLoadError(str(error)) from None
     try:
         return decode_image(data, url, max_pixels=limits.max_pixels)
-    except ImageLoadError as error:
-        if "pixels" in str(error):
-            raise
+    except ImageTooLargeError:
+        raise
+    except ImageLoadError:
         raise ImageLoadError(
             f"Could not read the data at {url} as an image: it is not a picture in a format "
             "Pillow reads."
@@ -203,11 +210,11 @@ def decode_image(
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
             width, height = opened.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageLoadError(too_large_message(name, width * height, max_pixels))
+                raise ImageTooLargeError(too_large_message(name, width * height, max_pixels))
             opened.load()
             return opened.copy()
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(too_large_message(name, _pixels_in(str(error)), None)) from error
+        raise ImageTooLargeError(too_large_message(name, _pixels_in(str(error)), None)) from error
     except ImageLoadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -231,7 +238,8 @@ def image_size(data: bytes | os.PathLike) -> tuple[int, int]:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as opened:
             return opened.size
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(too_large_message("the image", _pixels_in(str(error)))) from error
+        message = too_large_message("the image", _pixels_in(str(error)))
+        raise ImageTooLargeError(message) from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error):
         raise ImageLoadError(
             "Could not read the image: it is not a picture Pillow reads."

@@ -58,6 +58,10 @@ class SettingError(ValueError):
     """A setting of the wrong type or outside its range; the message names the setting."""
 
 
+class TooLargeError(InputError):
+    """A download or upload past its size cap."""
+
+
 class ForbiddenAddressError(InputError):
     """A URL whose host is an address the limits do not allow (loopback, private, ...)."""
 
@@ -421,7 +425,7 @@ def _exchange(
         return response.status, None, b""
     declared = response.getheader("Content-Length")
     if declared and declared.isdigit() and int(declared) > limits.max_bytes:
-        raise InputError(_too_big(url, int(declared), limits.max_mb))
+        raise TooLargeError(_too_big(url, int(declared), limits.max_mb))
     data = bytearray()
     while True:
         chunk = response.read1(_READ_CHUNK)
@@ -431,7 +435,7 @@ def _exchange(
             break
         data += chunk
         if len(data) > limits.max_bytes:
-            raise InputError(_too_big(url, len(data), limits.max_mb, at_least=True))
+            raise TooLargeError(_too_big(url, len(data), limits.max_mb, at_least=True))
     if declared and declared.isdigit() and len(data) < int(declared):
         raise InputError(
             f"Could not download {_short(url)}: the connection closed after {len(data):,} of "

@@ -48,8 +48,21 @@ from collections.abc import Iterator
 from typing import Any
 
 from .batching import Batcher, Job, QueueFull, ShuttingDown
-from .images import ImageLoadError, image_size, load_image, too_large_message
-from .inputs import InputLimits, check_number
+from .images import (
+    ImageLoadError,
+    ImageTooLargeError,
+    image_size,
+    load_image,
+    too_large_message,
+)
+from .inputs import (
+    ForbiddenAddressError,
+    InputError,
+    InputLimits,
+    TooLargeError,
+    check_number,
+    fetch_url,
+)
 from .model import FlorenceModel
 from .prompts import TaskInputError
 from .regions import RegionError
@@ -417,15 +430,21 @@ class _Service:
             )
         except asyncio.TimeoutError:
             raise RequestError(field, "The request took too long.", 504) from None
+        except ImageTooLargeError as bad:
+            raise RequestError(field, str(bad), 413) from None
         except ImageLoadError as bad:
-            status = 413 if "limit" in str(bad) or "pixels" in str(bad) else 400
-            raise RequestError(field, str(bad), status) from None
+            raise RequestError(field, str(bad), 400) from None
 
     def _fetch(self, url: str) -> bytes:
-        from .inputs import InputError, fetch_url
-
         try:
             return fetch_url(url, self.limits)
+        except ForbiddenAddressError:
+            raise ImageLoadError(
+                f"Did not fetch {url}: its host is not a public address, and this server "
+                "fetches images only from public ones."
+            ) from None
+        except TooLargeError as error:
+            raise ImageTooLargeError(str(error)) from None
         except InputError as error:
             raise ImageLoadError(str(error)) from None
 
