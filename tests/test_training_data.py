@@ -191,6 +191,98 @@ def test_ms_swift_grounding_lines(tmp_path):
     assert phrase.prompt == "<CAPTION_TO_PHRASE_GROUNDING>bottom right sandwich"
 
 
+# ms-swift's grounding format today, quoted from its custom-dataset guide, section "Grounding"
+# (lines 310-312 and 325 at commit 3602360a562313afbf2ef6065fdf61f271a2c5b9):
+# https://github.com/modelscope/ms-swift/blob/main/docs/source_en/Customization/Custom-dataset.md
+# The first three are "ms-swift's grounding data format"; the last its QWENVL_BBOX_FORMAT='new'
+# example, where the labels in the answer are placeholders too.
+SWIFT_GUIDE = r"""
+{"messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "<image>Describe the image."}, {"role": "assistant", "content": "<ref-object><bbox> and <ref-object><bbox> are playing on the beach"}], "images": ["/xxx/x.jpg"], "objects": {"ref": ["a dog", "a woman"], "bbox": [[331.5, 761.4, 853.5, 1594.8], [676.5, 685.8, 1099.5, 1427.4]]}}
+{"messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "<image>Find the <ref-object> in the image"}, {"role": "assistant", "content": "<bbox><bbox>"}], "images": ["/xxx/x.jpg"], "objects": {"ref": ["sheep"], "bbox": [[90.9, 160.8, 135, 212.8], [360.9, 480.8, 495, 532.8]]}}
+{"messages": [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "<image>Help me open Google Chrome"}, {"role": "assistant", "content": "Action: click(start_box='<bbox>')"}], "images": ["/xxx/x.jpg"], "objects": {"ref": [], "bbox": [[615, 226]]}}
+{"messages": [{"role": "user", "content": "<image>Locate the <ref-object> in the image"}, {"role": "assistant", "content": "[\n\t{\"bbox_2d\": <bbox>, \"label\": \"<ref-object>\"},\n\t{\"bbox_2d\": <bbox>, \"label\": \"<ref-object>\"}\n]"}], "images": ["cat.png"], "objects": {"ref": ["sheep", "sheep", "sheep"], "bbox": [[90.9, 160.8, 135, 212.8], [360.9, 480.8, 495, 532.8]]}}
+"""  # noqa: E501
+
+# The form of ms-swift's 2024 Florence-2 guide, quoted from (lines 166-167):
+# https://github.com/modelscope/ms-swift/blob/d3e9df0b98f5edee79a249aabe3a3286bcf5d979/docs/source_en/Multi-Modal/florence-best-pratice.md
+SWIFT_FLORENCE_GUIDE = r"""
+{"query": "Find <bbox>", "response": "<ref-object>", "images": ["/coco2014/train2014/COCO_train2014_000000001507.jpg"], "objects": "[[\"bottom right sandwich\", [331, 266, 612, 530]]]" }
+{"query": "Find <ref-object>", "response": "<bbox>", "images": ["/coco2014/train2014/COCO_train2014_000000001507.jpg"], "objects": "[[\"bottom right sandwich\", [331, 266, 612, 530]]]" }
+"""  # noqa: E501
+# On a 2000x2000 image a pixel value v falls in bin floor(v / 2).
+SHEEP = "sheep<loc_45><loc_80><loc_67><loc_106><loc_180><loc_240><loc_247><loc_266>"
+SANDWICH = "<loc_165><loc_133><loc_306><loc_265>"
+
+
+def _swift(tmp_path, text, change=None):
+    """The records of ``text`` on one 2000x2000 image instead of the guide's /xxx/x.jpg."""
+    Image.new("RGB", (2000, 2000)).save(tmp_path / "x.png")
+    records = [json.loads(line) for line in text.strip().splitlines()]
+    path = tmp_path / "swift.jsonl"
+    path.write_text(
+        "".join(json.dumps({**r, "images": ["x.png"], **(change or {})}) + "\n" for r in records)
+    )
+    return path
+
+
+def test_the_ms_swift_guides_grounding_records(tmp_path):
+    with pytest.warns(UserWarning, match="Skipped 2"):
+        data = read_grounding_jsonl(_swift(tmp_path, SWIFT_GUIDE), on_error="skip")
+    # "Find the <ref-object> in the image" -> "<bbox><bbox>": one phrase, both its boxes.
+    for sample in data:
+        assert sample.task is Task.OPEN_VOCABULARY_DETECTION
+        assert (sample.prompt, sample.target) == ("<OPEN_VOCABULARY_DETECTION>sheep", SHEEP)
+        assert sample.boxes == ((90.9, 160.8, 135, 212.8), (360.9, 480.8, 495, 532.8))
+    assert [s.sample_id for s in data] == ["swift.jsonl line 2", "swift.jsonl line 4"]
+    # A caption with boxes in it, and a click at a point, have no Florence-2 task.
+    first, third = data.problems
+    assert first.sample_id == "swift.jsonl line 1" and "neither <ref-object> nor <bbox>" in str(
+        first
+    )
+    assert third.sample_id == "swift.jsonl line 3" and "[615, 226] is a point" in str(third)
+
+
+@pytest.mark.parametrize(
+    ("bbox_type", "scale"), [("real", 1), ("norm1", 1 / 2000), ("norm1000", 1 / 2)]
+)
+def test_ms_swift_bbox_types_are_read_as_ms_swift_reads_them(tmp_path, bbox_type, scale):
+    # ms-swift's Template.normalize_bbox: "norm1" is a share of the image side; "norm1000" is what
+    # its templates write for Florence-2 (round(v / side * 1000)), thousandths of the side.
+    sheep = json.loads(SWIFT_GUIDE.strip().splitlines()[1])
+    boxes = [[v * scale for v in box] for box in sheep["objects"]["bbox"]]
+    objects = {"ref": ["sheep"], "bbox": boxes, "bbox_type": bbox_type}
+    (sample,) = read_grounding_jsonl(_swift(tmp_path, json.dumps(sheep), {"objects": objects}))
+    assert sample.target == SHEEP
+
+
+def test_ms_swift_region_questions_and_unknown_bbox_types(tmp_path):
+    # RefCOCOPreprocessor('caption') in ms-swift's swift/dataset/dataset/mllm.py builds lines from
+    # GroundingMixin's prompts, e.g. ("What is the object at <bbox>", "<ref-object>").
+    line = {
+        "query": "What is the object at <bbox>",
+        "response": "<ref-object>",
+        "objects": {"ref": ["bottom right sandwich"], "bbox": [[331, 266, 612, 530]]},
+    }
+    (sample,) = read_grounding_jsonl(_swift(tmp_path, json.dumps(line)))
+    assert sample.prompt == "<REGION_TO_CATEGORY>" + SANDWICH
+    assert sample.target == "bottom right sandwich" + SANDWICH
+    line["objects"]["bbox_type"] = "norm_1000"  # the 2024 spelling: ms-swift reads it as pixels
+    with pytest.raises(AnnotationError, match="bbox_type must be 'real' .* got 'norm_1000'"):
+        read_grounding_jsonl(_swift(tmp_path, json.dumps(line)))
+
+
+def test_the_ms_swift_florence_guides_records(tmp_path):
+    region, find = read_grounding_jsonl(_swift(tmp_path, SWIFT_FLORENCE_GUIDE))
+    assert (region.prompt, region.target) == (
+        "<REGION_TO_CATEGORY>" + SANDWICH,
+        "bottom right sandwich" + SANDWICH,
+    )
+    assert (find.prompt, find.target) == (
+        "<OPEN_VOCABULARY_DETECTION>bottom right sandwich",
+        "bottom right sandwich" + SANDWICH,
+    )
+
+
 def test_bad_grounding_lines_are_reported_by_line(tmp_path):
     good = {
         "query": "Find <ref-object>",
