@@ -217,7 +217,11 @@ def decode_image(
         raise ImageTooLargeError(too_large_message(name, _pixels_in(str(error)), None)) from error
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError as error:
+        raise ImageLoadError(
+            f"Could not read {name} as an image: it is not a picture in a format Pillow reads."
+        ) from error
+    except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"Could not read {name} as an image: {error}") from error
     except (MemoryError, RecursionError, EOFError, IndexError, struct.error) as error:
         raise ImageLoadError(f"Could not read {name} as an image: it is damaged.") from error

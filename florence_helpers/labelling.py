@@ -421,12 +421,7 @@ def job_for(
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """The job :func:`label` records for this model (its adapter and dtype included)."""
-    try:  # TEMPORARY-SHIM
-        from .adapters import adapter_fingerprint
-    except ImportError:  # TEMPORARY-SHIM
-
-        def adapter_fingerprint(florence: Any) -> None:  # TEMPORARY-SHIM
-            return None
+    from .adapters import adapter_fingerprint
 
     return job_settings(
         florence.model_id,

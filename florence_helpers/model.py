@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import types
 import warnings
 from dataclasses import dataclass
@@ -43,11 +44,16 @@ class FlorenceModel:
         model: The ``Florence2ForConditionalGeneration`` in eval mode.
         processor: The matching ``Florence2Processor``.
         model_id: The hub id or directory it was loaded from.
+        merged_adapter: For a model a LoRA adapter was merged into
+            (:func:`~florence_helpers.adapters.merge_adapter`), that adapter's fingerprint
+            (:func:`~florence_helpers.adapters.adapter_fingerprint`), so the merged weights
+            are never taken for ``model_id``'s own; None otherwise.
     """
 
     model: Any
     processor: Any
     model_id: str
+    merged_adapter: str | None = None
 
     @property
     def device(self) -> torch.device:
@@ -58,7 +64,8 @@ class FlorenceModel:
         return self.model.dtype
 
     def __repr__(self) -> str:
-        return f"FlorenceModel({self.model_id!r}, device={self.device}, dtype={self.dtype})"
+        merged = "" if self.merged_adapter is None else f", merged_adapter={self.merged_adapter!r}"
+        return f"FlorenceModel({self.model_id!r}, device={self.device}, dtype={self.dtype}{merged})"
 
 
 def base_model(model: Any) -> Any:
@@ -102,16 +109,88 @@ def resolve_model_id(model_id: str | os.PathLike | None = None) -> str:
     return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL_ID
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+"""The devices :func:`resolve_device` (and ``load_model(device=...)``) accepts, in words."""
+
+_DEVICE = re.compile(r"(auto|cpu|mps|cuda)(?::(\d+))?")
+
+
+def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return mps is not None and mps.is_available()
+
+
+def available_devices() -> list[str]:
+    """The devices that can be used here: ``auto``, ``cpu``, then ``cuda`` and ``cuda:0``,
+    ``cuda:1``... for each visible GPU, and ``mps`` on Apple silicon."""
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if _mps_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device for a ``device`` argument, checked to exist on this machine.
+
+    ``"auto"`` picks CUDA, then Apple MPS, then the CPU. Nothing is loaded: call it first to
+    refuse a wrong device at once (the command line does).
+
+    Raises:
+        ValueError: ``device`` is not one of auto, cpu, cuda, cuda:N or mps; or it is not
+            available here (no CUDA in this torch or no GPU, a GPU index past the last one,
+            no MPS). The message lists the devices that are.
+    """
+    text = str(device).strip() if isinstance(device, str | torch.device) else None
+    match = _DEVICE.fullmatch(text) if text is not None else None
+    if match is None or (match.group(2) is not None and match.group(1) not in ("cuda", "mps")):
+        raise ValueError(f"device must be {DEVICE_CHOICES}, got {device!r}.")
+    kind, index = match.group(1), match.group(2)
+    if kind == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if kind == "cuda":
+        _check_cuda(text, None if index is None else int(index))
+    elif kind == "mps" and not _mps_available():
+        mps = getattr(torch.backends, "mps", None)
+        why = (
+            "this torch was built without MPS"
+            if mps is None or not mps.is_built()
+            else "MPS needs a Mac with Apple silicon and macOS 12.3 or later"
+        )
+        raise ValueError(_unavailable_device(text, why))
+    elif kind == "mps" and index not in (None, "0"):
+        raise ValueError(_unavailable_device(text, "there is one MPS device, mps"))
+    return torch.device(text)
+
+
+def _check_cuda(text: str, index: int | None) -> None:
+    if not torch.cuda.is_available():
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible (check the driver, and CUDA_VISIBLE_DEVICES)"
+        )
+        raise ValueError(_unavailable_device(text, why))
+    count = torch.cuda.device_count()
+    if index is not None and index >= count:
+        gpus = f"cuda:0 to cuda:{count - 1}" if count > 1 else "cuda:0"
+        raise ValueError(
+            _unavailable_device(
+                text,
+                f"there {'is' if count == 1 else 'are'} {count} GPU"
+                f"{'' if count == 1 else 's'} here ({gpus})",
+            )
+        )
+
+
+def _unavailable_device(text: str, why: str) -> str:
+    return (
+        f"device {text!r} is not available here: {why}. Available: "
+        f"{', '.join(available_devices())}."
+    )
 
 
 _DTYPE_NAMES = {
@@ -191,7 +270,8 @@ def load_model(
         model_id: A hub id such as ``"florence-community/Florence-2-large"`` or a local
             directory. Defaults to ``$FLORENCE_MODEL``, then
             ``"florence-community/Florence-2-base"``.
-        device: ``"auto"`` (CUDA, then MPS, then CPU) or any torch device.
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``
+            or ``"mps"``; checked (:func:`resolve_device`) before anything is loaded.
         dtype: ``"auto"`` (bf16 or fp16 on CUDA; bf16 on CPUs with native bf16, fp32 on
             other CPUs and on MPS; see :func:`resolve_dtype`), a name such as ``"float32"``
             (exact answers) or ``"fp16"``, or a torch dtype. ``florence.dtype`` says which
@@ -211,9 +291,14 @@ def load_model(
         A :class:`FlorenceModel` holding the model (in eval mode, on ``device``) and processor.
 
     Raises:
+        ValueError: ``device`` is not a device name, or not available here; ``dtype`` is
+            unknown. Raised before anything is read.
         ModelNotAvailableError: The directory does not exist, or the hub cannot be reached
-            and there is no local copy. The message says how to point ``FLORENCE_MODEL`` at a
-            local directory.
+            and there is no local copy (the message says how to point ``FLORENCE_MODEL`` at a
+            local directory); or the checkpoint is not one this package can load: another
+            model, the remote-code layout, a ``config.json`` that is not valid JSON or holds
+            wrong values, or a damaged weight file. The message names the file and what is
+            wrong with it.
 
     Example:
         >>> florence = load_model("florence-community/Florence-2-large")  # doctest: +SKIP
@@ -442,11 +527,18 @@ def _load_failure(name: str, error: Exception) -> str:
     import json
     import pickle
 
+    from .checkpoints import _config_problem, pickle_runs_code
+
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     kind = type(error).__name__
+    folder = Path(name).expanduser()
+    local = folder.is_dir()
+    weights = folder / "pytorch_model.bin" if local else "its pytorch_model.bin"
+    if isinstance(error, pickle.UnpicklingError) and not pickle_runs_code(error):
+        return f"{weights} is damaged, cut short or not a PyTorch weight file; download it again"
     if isinstance(error, pickle.UnpicklingError) or "Weights only load failed" in str(error):
         return (
-            "its pytorch_model.bin is a pickle file holding more than tensors, which torch "
+            f"{weights} is a pickle file holding more than tensors, which torch "
             "refuses to load safely (it could run code). Only if you trust where it came from, "
             "load it with torch.load(path, weights_only=False) and save the tensors with "
             "safetensors.torch.save_file(state_dict, 'model.safetensors') in its place."
@@ -457,6 +549,9 @@ def _load_failure(name: str, error: Exception) -> str:
         return f"its safetensors file is damaged or cut short ({text}); download it again"
     if "ignore_mismatched_sizes" in str(error) or "size mismatch" in str(error):
         return f"some weights have the wrong shape for its config.json ({text})"
+    if kind.startswith("StrictDataclass"):  # transformers refused a value in config.json
+        config = folder / "config.json" if local else "its config.json"
+        return f"{config} holds a wrong value: {_config_problem(error, {})}"
     return text
 
 

@@ -6,7 +6,10 @@ in transformers' conversion script, written independently of the converter under
 """
 
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,7 @@ from florence_helpers.checkpoints import (
     convert,
     convert_checkpoint,
 )
+from florence_helpers.outputs import OutputError
 from florence_helpers.testing import build_tiny_tokenizer
 
 _TO_REMOTE = [
@@ -307,3 +311,552 @@ def test_a_hub_checkpoint_that_fails_to_load_is_not_blamed_on_the_network(
         load_model("someone/Florence-2-x", device="cpu")
     assert expected in str(raised.value)
     assert "could not be reached" not in str(raised.value)
+
+
+# --- convert on damaged inputs and refused or failing outputs ----------------------------------
+#
+# The contract: convert raises CheckpointError (a bad input; the message names the file),
+# OutputError (a refused output, before anything is read) or OSError (writing failed; one
+# sentence naming NEW), never anything else, and leaves nothing behind.
+
+
+def _left_in(folder):
+    """Everything in ``folder``, hidden temporary folders included."""
+    return sorted(path.name for path in folder.iterdir())
+
+
+class _RunsCode:
+    """A pickle that would create ``marker`` when unpickled unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _edit_config(change):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _cut_in_half(name):
+    def edit(folder):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+
+    return edit
+
+
+def _pickle_instead_of_safetensors(folder):
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": _RunsCode(folder.parent / "pickle-ran")}, folder / "pytorch_model.bin")
+
+
+class _RunsCommand:
+    """A pickle that would run a shell command when unpickled unsafely (torch words its
+    refusal of a blocked module differently from that of another callable)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickle_running_a_command(folder):
+    (folder / "model.safetensors").unlink()
+    payload = {"weights": _RunsCommand(folder.parent / "pickle-ran")}
+    torch.save(payload, folder / "pytorch_model.bin")
+
+
+def _garbage_bin(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"this is not a pickle, nor a zip archive")
+
+
+def _bin_of_a_list(folder):
+    (folder / "model.safetensors").unlink()
+    torch.save([torch.zeros(3)], folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        pytest.param(
+            _cut_in_half("model.safetensors"),
+            "model.safetensors",
+            r"safetensors file is damaged or cut short",
+            id="truncated-safetensors",
+        ),
+        pytest.param(
+            _pickle_instead_of_safetensors,
+            "pytorch_model.bin",
+            r"pickle file holding more than tensors, which is refused.*weights_only=False",
+            id="pickle-with-code",
+        ),
+        pytest.param(
+            _pickle_running_a_command,
+            "pytorch_model.bin",
+            r"pickle file holding more than tensors, which is refused",
+            id="pickle-with-os-system",
+        ),
+        pytest.param(
+            _garbage_bin,
+            "pytorch_model.bin",
+            r"is not a readable PyTorch weight file",
+            id="bin-not-a-pickle",
+        ),
+        pytest.param(
+            _bin_of_a_list,
+            "pytorch_model.bin",
+            r"holds a list, not a mapping of weight names to tensors",
+            id="bin-of-a-list",
+        ),
+        pytest.param(
+            lambda f: (f / "config.json").write_text("[]"),
+            "config.json",
+            r"holds a JSON list, not a model configuration",
+            id="config-is-a-list",
+        ),
+        pytest.param(
+            lambda f: (f / "config.json").write_text('{"model_type": "florence2",'),
+            "config.json",
+            r"is not valid JSON",
+            id="config-not-json",
+        ),
+        pytest.param(
+            lambda f: (f / "config.json").write_bytes(b'{"model_type": "\xff"}'),
+            "config.json",
+            r"is not UTF-8 text",
+            id="config-not-utf8",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(vision_config=5)),
+            "config.json",
+            r"vision_config is a JSON number, but must be an object",
+            id="vision-config-5",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(text_config=[])),
+            "config.json",
+            r"text_config is a JSON list, but must be an object",
+            id="text-config-list",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(d_model="big")),
+            "config.json",
+            r"text_config\.d_model is 'big', but must be a whole number of at least 1",
+            id="d-model-big",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["vision_config"].update(depths=[1, 1])),
+            "config.json",
+            r"per-stage settings disagree on the number of stages \(depths has 2",
+            id="vision-stages-disagree",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(encoder_attention_heads=3)),
+            "config.json",
+            r"encoder_attention_heads \(3\) does not divide text_config\.d_model",
+            id="heads-do-not-divide",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(activation_function=5)),
+            "config.json",
+            r"text_config\.activation_function is 5, but must be str",
+            id="activation-5",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(num_beams="3")),
+            "config.json",
+            r"text_config\.num_beams is '3', which is not a valid generation setting",
+            id="num-beams-text",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.pop("model_type")),
+            "config.json",
+            r"has no model_type",
+            id="no-model-type",
+        ),
+        pytest.param(
+            lambda f: (f / "tokenizer.json").write_text("{cut sho"),
+            "tokenizer.json",
+            r"Could not read the tokenizer or image processor",
+            id="tokenizer-damaged",
+        ),
+    ],
+)
+def test_convert_names_a_damaged_checkpoint_file(remote, tmp_path, damage, file, message):
+    old = tmp_path / "old"
+    shutil.copytree(remote, old)
+    damage(old)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        convert(old, tmp_path / "new")
+    # The file is named: the file itself, or (for the tokenizer) its folder and its name.
+    assert str(old / file) in str(raised.value) or (
+        str(old) in str(raised.value) and file in str(raised.value)
+    )
+    assert _left_in(tmp_path) == ["old"]  # no output, no temporary folder, no pickle run
+
+
+def test_the_pickle_in_a_checkpoint_never_runs(remote, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(remote, old)
+    _pickle_instead_of_safetensors(old)
+    # checkpoint_layout reads only the header of a safetensors file; the .bin is read whole.
+    with pytest.raises(CheckpointError, match="pickle file holding more than tensors"):
+        convert_checkpoint(old, tmp_path / "new")
+    assert not (tmp_path / "pickle-ran").exists()
+
+
+@pytest.fixture(scope="module")
+def remote_adapter(load_tiny, tmp_path_factory):
+    """A LoRA adapter on the tiny model (16 modules, 32 tensors), saved under the remote-code
+    model's names, as an adapter trained on Microsoft's model is."""
+    root = tmp_path_factory.mktemp("remote-adapter")
+    lora = add_lora(load_tiny(), rank=4, seed=0)
+    with torch.no_grad():
+        for name, parameter in lora.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    native = save_adapter(lora, root / "native")
+    old = root / "old"
+    old.mkdir()
+    state = load_file(native / "adapter_model.safetensors")
+    prefix = "base_model.model."
+    save_file(
+        {prefix + remote_name(k[len(prefix) :]): v for k, v in state.items()},
+        old / "adapter_model.safetensors",
+    )
+    (old / "adapter_config.json").write_text((native / "adapter_config.json").read_text())
+    return old
+
+
+def _edit_adapter_config(change):
+    def edit(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        change(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _drop_half_the_lora_b(folder):
+    state = load_file(folder / "adapter_model.safetensors")
+    dropped = sorted(k for k in state if ".lora_B." in k)[::2]
+    save_file(
+        {k: v for k, v in state.items() if k not in dropped}, folder / "adapter_model.safetensors"
+    )
+
+
+def _adapter_pickle(folder):
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"weights": _RunsCode(folder.parent / "pickle-ran")}, folder / "adapter_model.bin")
+
+
+def _wrong_rank(folder):
+    state = load_file(folder / "adapter_model.safetensors")
+    key = sorted(k for k in state if ".lora_B." in k)[0]
+    state[key] = torch.zeros(state[key].shape[0], 3)
+    save_file(state, folder / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        pytest.param(
+            _cut_in_half("adapter_model.safetensors"),
+            "adapter_model.safetensors",
+            r"safetensors file is damaged or cut short",
+            id="truncated-safetensors",
+        ),
+        pytest.param(
+            _adapter_pickle,
+            "adapter_model.bin",
+            r"pickle file holding more than tensors",
+            id="pickle-with-code",
+        ),
+        pytest.param(
+            _drop_half_the_lora_b,
+            "adapter_model.safetensors",
+            r"is incomplete: 8 LoRA weights are missing \(base_model\.model\..*\.lora_B\.weight",
+            id="8-of-16-lora-b-missing",
+        ),
+        pytest.param(
+            _wrong_rank,
+            "adapter_model.safetensors",
+            r"are not a LoRA pair",
+            id="ranks-disagree",
+        ),
+        pytest.param(
+            lambda f: (f / "adapter_config.json").write_text("[]"),
+            "adapter_config.json",
+            r"holds a JSON list, not an adapter configuration",
+            id="config-is-a-list",
+        ),
+        pytest.param(
+            lambda f: (f / "adapter_config.json").write_text("{"),
+            "adapter_config.json",
+            r"is not valid JSON",
+            id="config-not-json",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(r="4")),
+            "adapter_config.json",
+            r"the rank r must be a whole number of at least 1, got '4'",
+            id="rank-text",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(target_modules=5)),
+            "adapter_config.json",
+            r"target_modules is 5, but must be a string or a list of strings",
+            id="target-modules-5",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(rank_pattern=[])),
+            "adapter_config.json",
+            r"rank_pattern is \[\], but must be an object",
+            id="rank-pattern-list",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(lora_alpha="big")),
+            "adapter_config.json",
+            r"lora_alpha is 'big', but must be a number",
+            id="alpha-text",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(modules_to_save="lm_head")),
+            "adapter_config.json",
+            r"modules_to_save is 'lm_head', but must be a list of strings",
+            id="modules-to-save-text",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.pop("peft_type")),
+            "adapter_config.json",
+            r"has no 'peft_type'",
+            id="no-peft-type",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.pop("r")),
+            "adapter_config.json",
+            r"has no 'r'",
+            id="no-rank",
+        ),
+    ],
+)
+def test_convert_names_a_damaged_adapter_file(remote_adapter, tmp_path, damage, file, message):
+    old = tmp_path / "old"
+    shutil.copytree(remote_adapter, old)
+    damage(old)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        convert(old, tmp_path / "new")
+    assert str(old / file) in str(raised.value)
+    assert _left_in(tmp_path) == ["old"]
+
+
+def test_new_is_checked_before_old_is_read(tmp_path, monkeypatch):
+    import florence_helpers.checkpoints as checkpoints
+
+    def never(*args, **kwargs):
+        raise AssertionError("the input was read before NEW was checked")
+
+    monkeypatch.setattr(checkpoints, "checkpoint_layout", never)
+    monkeypatch.setattr(checkpoints, "_read_adapter_config", never)
+    taken = tmp_path / "labels.txt"
+    taken.write_text("mine")
+    # OLD does not even exist: NEW is refused first.
+    with pytest.raises(OutputError, match=r"labels\.txt exists and is not a folder"):
+        convert(tmp_path / "nowhere", taken)
+    assert taken.read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "adapter"])
+@pytest.mark.parametrize(
+    ("place", "message"),
+    [
+        ("a-file", r"exists and is not a folder"),
+        ("under-a-file", r"cannot be created: .*a-file is a file"),
+        ("old-itself", r"is or holds the input"),
+        ("above-old", r"is or holds the input"),
+    ],
+)
+def test_convert_refuses_an_output_that_cannot_be_a_new_folder(
+    remote, remote_adapter, tmp_path, kind, place, message
+):
+    old = tmp_path / "inputs" / "old"
+    shutil.copytree(remote if kind == "checkpoint" else remote_adapter, old)
+    (tmp_path / "a-file").write_text("mine")
+    new = {
+        "a-file": tmp_path / "a-file",
+        "under-a-file": tmp_path / "a-file" / "new",
+        "old-itself": old,
+        "above-old": tmp_path / "inputs",
+    }[place]
+    before = {path: path.read_bytes() for path in old.iterdir()}
+    with pytest.raises(OutputError, match=message):
+        convert(old, new, overwrite=True)  # overwrite would have deleted the input
+    assert {path: path.read_bytes() for path in old.iterdir()} == before
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert _left_in(tmp_path) == ["a-file", "inputs"]
+    assert _left_in(tmp_path / "inputs") == ["old"]
+
+
+_FULL_DISK = """
+import json, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+from florence_helpers.checkpoints import convert
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
+try:
+    convert(sys.argv[1], sys.argv[2], overwrite=True)
+    print(json.dumps({"type": None}))
+except BaseException as error:
+    print(json.dumps({"type": type(error).__name__, "errno": getattr(error, "errno", None),
+                      "message": str(error), "strerror": getattr(error, "strerror", None)}))
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "overwrite"])
+def test_a_full_disk_is_one_clear_oserror_and_leaves_nothing(remote, tmp_path, existing):
+    import errno
+    import subprocess
+    import sys
+
+    new = tmp_path / "out" / "new"
+    new.parent.mkdir()
+    if existing:
+        new.mkdir()
+        (new / "keep.txt").write_text("the earlier conversion")
+    # Files may grow to 1 MB: the tokenizer fits, the 3 MB of weights do not (part-way).
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(remote), str(new), str(1_000_000)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["type"] == "OSError", outcome
+    assert outcome["errno"] == errno.EFBIG
+    assert outcome["strerror"].startswith(f"Could not write {new}: File too large")
+    assert "Traceback" not in done.stderr
+    if existing:
+        assert _left_in(new.parent) == ["new"]
+        assert _left_in(new) == ["keep.txt"]
+        assert (new / "keep.txt").read_text() == "the earlier conversion"
+        assert f"{new} is as it was" in outcome["message"]
+    else:
+        assert _left_in(new.parent) == []
+
+
+def test_a_disk_full_while_writing_an_adapter_leaves_nothing(remote_adapter, tmp_path, monkeypatch):
+    import errno
+
+    written = []
+
+    def write_then_fail(self, data):
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])  # part of the file reached the disk
+        written.append(self)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", write_then_fail)
+    new = tmp_path / "made" / "for" / "new"  # parent folders made for it go too
+    with pytest.raises(OSError) as raised:
+        convert(remote_adapter, new)
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.strerror == (
+        f"Could not write {new}: No space left on device (the conversion was not saved; "
+        "nothing was left behind)."
+    )
+    assert written and not written[0].exists()
+    assert _left_in(tmp_path) == []
+
+
+def _read_only(folder):
+    """Make ``folder`` refuse new entries, for root too where possible; a cleanup function,
+    or a skip with the reason."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return lambda: folder.chmod(0o755)
+    # chmod does not stop root; the immutable attribute does, where the filesystem has it.
+    done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(
+            "running as root, where a 0o555 folder is still writable, and chattr +i is not "
+            f"available here ({done.stderr.strip() or 'no chattr'})"
+        )
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_read_only_destination_is_one_clear_oserror(remote, tmp_path):
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    undo = _read_only(parent)
+    try:
+        with pytest.raises(OSError) as raised:
+            convert(remote, parent / "new")
+        assert _left_in(parent) == []
+    finally:
+        undo()
+    assert type(raised.value) in (PermissionError, OSError)
+    reason = raised.value.strerror
+    assert reason.startswith(f"Could not write {parent / 'new'}: ")
+    assert "Permission denied" in reason or "Operation not permitted" in reason
+    assert "nothing was left behind" in reason
+
+
+def test_an_overwrite_that_fails_part_way_keeps_the_old_new(remote, tmp_path, monkeypatch):
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "keep.txt").write_text("the earlier conversion")
+
+    def fails_after_the_weights(self, folder, *args, **kwargs):
+        (Path(folder) / "tokenizer.json").write_text("{half")
+        raise OSError(28, "No space left on device")
+
+    from transformers import Florence2Processor
+
+    monkeypatch.setattr(Florence2Processor, "save_pretrained", fails_after_the_weights)
+    with pytest.raises(OSError, match=rf"{new}: No space left on device .*{new} is as it was"):
+        convert(remote, new, overwrite=True)
+    assert _left_in(tmp_path) == ["new"]
+    assert _left_in(new) == ["keep.txt"]
+
+
+def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_path, monkeypatch):
+    import florence_helpers.checkpoints as checkpoints
+
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "keep.txt").write_text("the earlier conversion")
+    real, moves_in = os.replace, []
+
+    def fails_moving_the_conversion_in(source, target):
+        if Path(target) == new:
+            moves_in.append(source)
+            if len(moves_in) == 1:  # the conversion; the second one puts the old NEW back
+                raise OSError(5, "Input/output error")
+        return real(source, target)
+
+    monkeypatch.setattr(checkpoints.os, "replace", fails_moving_the_conversion_in)
+    with pytest.raises(OSError, match=r"Input/output error"):
+        convert(remote, new, overwrite=True)
+    assert _left_in(tmp_path) == ["new"]
+    assert _left_in(new) == ["keep.txt"]
+
+
+def test_an_overwrite_replaces_the_old_new_whole(remote, tmp_path):
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "stale.txt").write_text("from before")
+    convert(remote, new, overwrite=True)
+    assert checkpoint_layout(new) == "native"
+    assert not (new / "stale.txt").exists()
+    assert _left_in(tmp_path) == ["new"]

@@ -279,3 +279,21 @@ def test_read_labels_skips_every_kind_of_bad_line(tmp_path):
     with pytest.warns(UserWarning) as warned:
         kept = read_labels(path, on_error="skip", as_results=True)
     assert len(kept) == 2 and len(warned) == 6
+
+
+def test_labels_made_with_an_adapter_are_another_job_and_get_written(load_tiny, photos, tmp_path):
+    pytest.importorskip("peft")
+    from florence_helpers.adapters import add_lora, merge_adapter
+
+    base = load_tiny()
+    out = tmp_path / "labels.jsonl"
+    label(base, photos, "CAPTION", out, **FAST)
+    tuned = add_lora(base)
+    with pytest.raises(LabelFileError, match=r"adapter: None there, 'sha256:"):
+        label(tuned, photos, "CAPTION", out, **FAST)
+    summary = label(tuned, photos, "CAPTION", out, add=True, **FAST)
+    assert (summary.written, summary.skipped) == (3, 0)
+    merged = merge_adapter(tuned)
+    again = label(merged, photos, "CAPTION", out, add=True, **FAST)
+    assert (again.written, again.skipped) == (3, 0)  # merged weights: another job again
+    assert len(read_labels(out)) == 9

@@ -177,3 +177,72 @@ def test_emulated_bf16_is_not_chosen(monkeypatch):
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+# --- adapter identity --------------------------------------------------------------------------
+
+
+def _randomise_lora_b(florence, seed):
+    """A non-trivial adapter without training one (lora_B starts at zero)."""
+    with torch.no_grad():
+        for name, parameter in florence.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(seed))
+    return florence
+
+
+def test_a_plain_model_has_no_adapter_fingerprint(florence):
+    from florence_helpers.adapters import adapter_fingerprint
+    from florence_helpers.model import FlorenceModel
+
+    assert adapter_fingerprint(florence) is None
+    assert florence.merged_adapter is None
+    # The three-field constructor still works; the new field defaults to None.
+    again = FlorenceModel(florence.model, florence.processor, florence.model_id)
+    assert again.merged_adapter is None and adapter_fingerprint(again) is None
+
+
+def test_the_fingerprint_follows_the_adapter_weights(load_tiny, tmp_path):
+    import re
+
+    from florence_helpers.adapters import adapter_fingerprint, add_lora, load_adapter, save_adapter
+
+    lora = _randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=1)
+    fingerprint = adapter_fingerprint(lora)
+    assert re.fullmatch(r"sha256:[0-9a-f]{16}", fingerprint)
+    saved = save_adapter(lora, tmp_path / "adapter")
+    # The same adapter loaded twice, onto two fresh models, and for training: one identity.
+    first = load_adapter(load_tiny(), saved)
+    second = load_adapter(load_tiny(), saved, trainable=True)
+    assert adapter_fingerprint(first) == adapter_fingerprint(second) == fingerprint
+    # Another adapter, or this one trained one step further, is another identity.
+    other = _randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=2)
+    assert adapter_fingerprint(other) != fingerprint
+    with torch.no_grad():
+        parameter = next(p for n, p in second.model.named_parameters() if "lora_A" in n)
+        parameter[0, 0] += 1e-3
+    assert adapter_fingerprint(second) != fingerprint
+    # The same weights scaled differently (lora_alpha) change the answers: another identity.
+    louder = _randomise_lora_b(add_lora(load_tiny(), rank=4, alpha=32, seed=0), seed=1)
+    assert adapter_fingerprint(louder) != fingerprint
+
+
+def test_a_merged_adapter_keeps_its_identity(load_tiny):
+    from florence_helpers.adapters import adapter_fingerprint, add_lora, merge_adapter
+
+    lora = _randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=1)
+    fingerprint = adapter_fingerprint(lora)
+    merged = merge_adapter(lora)
+    assert merged.merged_adapter == fingerprint
+    assert adapter_fingerprint(merged) == f"merged:{fingerprint}"
+    assert fingerprint in repr(merged)
+    # The same adapter merged into another copy of the base: the same identity.
+    again = merge_adapter(_randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=1))
+    assert adapter_fingerprint(again) == adapter_fingerprint(merged)
+    # An adapter on the merged model names both; merged as well, one combined fingerprint.
+    second = _randomise_lora_b(add_lora(merged, rank=2, seed=3), seed=4)
+    assert adapter_fingerprint(second).startswith(f"merged:{fingerprint}+sha256:")
+    twice = merge_adapter(second)
+    assert twice.merged_adapter not in (fingerprint, None)
+    assert adapter_fingerprint(twice) == f"merged:{twice.merged_adapter}"
+    assert adapter_fingerprint(twice) != adapter_fingerprint(merged)

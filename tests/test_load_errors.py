@@ -1,0 +1,405 @@
+"""Loading refuses what it cannot use, with one clear error naming the file or the device.
+
+* ``load_model`` on a damaged model folder raises ``ModelNotAvailableError`` naming the file
+  and what is wrong with it, never a traceback from inside transformers;
+* a device that is not a device, or not on this machine, is a ``ValueError`` before anything
+  is loaded (``resolve_device``, which the command line calls first);
+* ``load_adapter`` loads an adapter whole or not at all: a damaged or incomplete weight file
+  is an ``AdapterError`` naming it, and the base model is left as it was.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from florence_helpers import ModelNotAvailableError, load_model
+from florence_helpers.adapters import AdapterError, add_lora, load_adapter, save_adapter
+from florence_helpers.model import available_devices, is_peft, resolve_device
+
+# --- load_model on a damaged folder ------------------------------------------------------------
+
+
+def _edit_config(change):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        change(config)
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _cut_short(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+class _RunsCode:
+    """A pickle that would create ``marker`` if it were ever unpickled unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _pickle_with_code_for_a_model(folder):
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": _RunsCode(folder.parent / "pickle-ran")}, folder / "pytorch_model.bin")
+
+
+def _not_a_bin(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not a pickle, nor a zip archive")
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        pytest.param(
+            lambda f: (f / "config.json").write_text("[]"),
+            "config.json",
+            r"holds a JSON list, not a model configuration",
+            id="config-is-a-list",
+        ),
+        pytest.param(
+            lambda f: (f / "config.json").write_text("{oops"),
+            "config.json",
+            r"is not valid JSON",
+            id="config-not-json",
+        ),
+        pytest.param(
+            lambda f: (f / "config.json").write_bytes(b'{"model_type": "\xff"}'),
+            "config.json",
+            r"is not UTF-8 text",
+            id="config-not-utf8",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.pop("model_type")),
+            "config.json",
+            r"has no model_type, so it does not describe a Florence-2 checkpoint",
+            id="no-model-type",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(model_type=5)),
+            "config.json",
+            r"has model_type 5",
+            id="model-type-5",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(vision_config=5)),
+            "config.json",
+            r"vision_config is a JSON number, but must be an object",
+            id="vision-config-5",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(text_config=[])),
+            "config.json",
+            r"text_config is a JSON list, but must be an object",
+            id="text-config-list",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(d_model="big")),
+            "config.json",
+            r"text_config\.d_model is 'big', but must be a whole number of at least 1",
+            id="d-model-big",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(d_model=-3)),
+            "config.json",
+            r"text_config\.d_model is -3, but must be a whole number of at least 1",
+            id="d-model-negative",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["vision_config"].update(embed_dim="x")),
+            "config.json",
+            r"vision_config\.embed_dim is 'x', but must be a list of whole numbers",
+            id="embed-dim-text",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(decoder_attention_heads=3)),
+            "config.json",
+            r"decoder_attention_heads \(3\) does not divide text_config\.d_model \(128\)",
+            id="heads-do-not-divide",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c.update(image_token_id="x")),
+            "config.json",
+            r"does not describe a Florence-2 model: image_token_id is 'x', but must be int",
+            id="image-token-id-text",
+        ),
+        pytest.param(
+            _edit_config(lambda c: c["text_config"].update(activation_function=5)),
+            "config.json",
+            r"text_config\.activation_function is 5, but must be str",
+            id="activation-5",
+        ),
+        pytest.param(
+            _cut_short,
+            "model.safetensors",
+            r"this safetensors file is damaged or cut short",
+            id="truncated-safetensors",
+        ),
+        pytest.param(
+            _pickle_with_code_for_a_model,
+            "pytorch_model.bin",
+            r"is a pickle file holding more than tensors, which torch refuses to load safely",
+            id="pickle-with-code",
+        ),
+        pytest.param(
+            _not_a_bin,
+            "pytorch_model.bin",
+            r"is damaged, cut short or not a PyTorch weight file",
+            id="bin-not-a-pickle",
+        ),
+    ],
+)
+def test_load_model_names_what_is_wrong_with_which_file(
+    tiny_model_dir, tmp_path, damage, file, message
+):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    with pytest.raises(ModelNotAvailableError, match=message) as raised:
+        load_model(folder, device="cpu", dtype="float32")
+    assert str(folder / file) in str(raised.value)
+    assert not (tmp_path / "pickle-ran").exists()
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", ["banana", "gpu", "cuda:x", "cpu:0", "", 5, None])
+def test_a_device_that_is_not_a_device_is_named(device):
+    with pytest.raises(ValueError) as raised:
+        resolve_device(device)
+    assert str(raised.value) == (f"device must be auto, cpu, cuda, cuda:N or mps, got {device!r}.")
+
+
+def test_load_model_refuses_a_wrong_device_before_loading(monkeypatch, tmp_path):
+    import florence_helpers.model as model
+
+    def never(*args, **kwargs):
+        raise AssertionError("loading started before the device was checked")
+
+    monkeypatch.setattr(model, "_check_source", never)
+    with pytest.raises(ValueError, match=r"got 'banana'"):
+        load_model(tmp_path / "nowhere", device="banana")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda' is not available here"):
+        load_model(tmp_path / "nowhere", device="cuda")
+
+
+def test_cuda_on_a_machine_without_it_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", torch.device("cuda")):
+        with pytest.raises(ValueError) as raised:
+            resolve_device(device)
+        message = str(raised.value)
+        assert message.startswith(f"device {str(device)!r} is not available here: ")
+        assert message.endswith("Available: auto, cpu.")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is built with CUDA")
+def test_a_cpu_only_torch_is_named_as_the_reason():
+    with pytest.raises(ValueError, match=r"this torch \(.*\) was built without CUDA"):
+        resolve_device("cuda")
+
+
+def test_a_gpu_index_past_the_last_one_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError) as raised:
+        resolve_device("cuda:7")
+    assert str(raised.value).startswith(
+        "device 'cuda:7' is not available here: there are 2 GPUs here (cuda:0 to cuda:1)."
+    )
+    assert "Available: auto, cpu, cuda, cuda:0, cuda:1" in str(raised.value)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")  # nothing is allocated
+
+
+def test_mps_where_there_is_none_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'mps' is not available here: .*Available: "):
+        resolve_device("mps")
+
+
+def test_usable_devices_resolve(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" cpu ") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert available_devices()[:2] == ["auto", "cpu"]
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("mps") == torch.device("mps")
+    assert resolve_device("auto") == torch.device("mps")
+    assert available_devices() == ["auto", "cpu", "mps"]
+
+
+# --- adapters load whole or not at all ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(load_tiny, tmp_path_factory):
+    """A trained-looking LoRA adapter on the tiny model: 16 modules, 32 tensors."""
+    lora = add_lora(load_tiny(), rank=4, seed=0)
+    with torch.no_grad():
+        for name, parameter in lora.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2, generator=torch.Generator().manual_seed(1))
+    return save_adapter(lora, tmp_path_factory.mktemp("adapter") / "adapter")
+
+
+@pytest.fixture
+def adapter_copy(saved_adapter, tmp_path):
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved_adapter, folder)
+    return folder
+
+
+def _logits(florence):
+    inputs = florence.processor(
+        text="<OD>", images=torch.zeros(3, 64, 64, dtype=torch.uint8), return_tensors="pt"
+    ).to(florence.device)
+    answer = torch.tensor([[2, 0, 100]], device=florence.device)
+    with torch.no_grad():
+        return florence.model(**inputs, decoder_input_ids=answer).logits
+
+
+def _assert_untouched(florence, before):
+    """The base model holds no LoRA layer, and answers as before."""
+    assert not is_peft(florence.model)
+    assert not [name for name, _ in florence.model.named_modules() if "lora_" in name]
+    torch.testing.assert_close(_logits(florence), before, rtol=0, atol=0)
+
+
+def test_an_adapter_missing_half_its_lora_b_is_refused(load_tiny, adapter_copy):
+    weights = adapter_copy / "adapter_model.safetensors"
+    state = load_file(weights)
+    lora_b = sorted(k for k in state if ".lora_B." in k)
+    assert len(lora_b) == 16
+    save_file({k: v for k, v in state.items() if k not in lora_b[::2]}, weights)
+    florence = load_tiny()
+    before = _logits(florence)
+    with pytest.raises(AdapterError) as raised:
+        load_adapter(florence, adapter_copy)
+    message = str(raised.value)
+    assert message.startswith(f"{weights} is missing 8 of the 32 tensors")
+    assert lora_b[0] in message
+    assert "zero for lora_B" in message
+    _assert_untouched(florence, before)
+    # The refused load left nothing behind: the whole adapter still goes on the same model.
+    good = adapter_copy.parent / "good"
+    shutil.copytree(adapter_copy, good)
+    save_file(state, good / "adapter_model.safetensors")
+    assert is_peft(load_adapter(florence, good).model)
+
+
+def _pickle_with_code(folder):
+    (folder / "adapter_model.safetensors").unlink()
+    torch.save({"weights": _RunsCode(folder.parent / "pickle-ran")}, folder / "adapter_model.bin")
+
+
+def _bin_not_a_pickle(folder):
+    (folder / "adapter_model.safetensors").unlink()
+    (folder / "adapter_model.bin").write_bytes(b"\x00garbage")
+
+
+def _cut_adapter_short(folder):
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _edit_adapter_config(change):
+    def edit(folder):
+        config = json.loads((folder / "adapter_config.json").read_text())
+        change(config)
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "message"),
+    [
+        pytest.param(
+            _cut_adapter_short,
+            "adapter_model.safetensors",
+            r"this safetensors file is damaged or cut short",
+            id="truncated-safetensors",
+        ),
+        pytest.param(
+            _pickle_with_code,
+            "adapter_model.bin",
+            r"pickle file holding more than tensors, which is refused",
+            id="pickle-with-code",
+        ),
+        pytest.param(
+            _bin_not_a_pickle,
+            "adapter_model.bin",
+            r"is not a readable PyTorch weight file",
+            id="bin-not-a-pickle",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(target_modules=5)),
+            "adapter_config.json",
+            r"target_modules is 5, but must be a string or a list of strings",
+            id="target-modules-5",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(lora_alpha="16")),
+            "adapter_config.json",
+            r"lora_alpha is '16', but must be a number",
+            id="alpha-text",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(r="4")),
+            "adapter_config.json",
+            r"the rank r must be a whole number of at least 1, got '4'",
+            id="rank-text",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(rank_pattern=["q_proj"])),
+            "adapter_config.json",
+            r"rank_pattern is \['q_proj'\], but must be an object",
+            id="rank-pattern-list",
+        ),
+        pytest.param(
+            _edit_adapter_config(lambda c: c.update(lora_dropout=2)),
+            "adapter_config.json",
+            r"lora_dropout is 2, but must be a number from 0 to below 1",
+            id="dropout-2",
+        ),
+    ],
+)
+def test_a_damaged_adapter_is_refused_and_named(load_tiny, adapter_copy, damage, file, message):
+    damage(adapter_copy)
+    florence = load_tiny()
+    before = _logits(florence)
+    with pytest.raises(AdapterError, match=message) as raised:
+        load_adapter(florence, adapter_copy)
+    assert str(adapter_copy / file) in str(raised.value)
+    assert not (adapter_copy.parent / "pickle-ran").exists()
+    _assert_untouched(florence, before)
+
+
+def test_a_refused_adapter_of_another_shape_leaves_the_base_model_as_it_was(
+    load_tiny, adapter_copy
+):
+    weights = adapter_copy / "adapter_model.safetensors"
+    state = load_file(weights)
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["r"] = 2  # the file's matrices are rank 4: peft fails part-way through loading
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    save_file(state, weights)
+    florence = load_tiny()
+    before = _logits(florence)
+    with pytest.raises(AdapterError, match=r"does not fit this model"):
+        load_adapter(florence, adapter_copy)
+    _assert_untouched(florence, before)
