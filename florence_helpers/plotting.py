@@ -4,7 +4,7 @@ The ``plot_*`` functions show the image on ``ax`` (a new figure when you pass no
 it and return ``ax``. :func:`annotate` returns a new PIL image instead, for saving; the input
 image is never modified. A label always gets the same colour (:func:`label_color`), label text
 sits on a filled tag so it reads on dark and light photos, and boxes on the image border stay
-inside the picture.
+inside the picture, and so do their tags (one at the right edge moves left).
 
 Both paths draw the same shapes: :func:`drawables` turns any result into a list of
 :class:`Drawable` (box or polygon, filled or outlined, colour, tag), and a matplotlib and a PIL
@@ -13,6 +13,7 @@ renderer draw that list. A new kind of result is drawn by teaching :func:`drawab
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import textwrap
@@ -93,9 +94,10 @@ def _show(image: ImageSource, ax: Any) -> tuple[Any, Image.Image]:
 
 
 def _tag(ax: Any, x: float, y: float, text: str, color: tuple[int, int, int]) -> None:
-    """A filled label above (x, y), or just below it when that would leave the image."""
+    """A filled label above (x, y), or just below it when that would leave the image; moved
+    just enough to stay inside the axes (left, for a box at the right edge)."""
     height = abs(ax.get_ylim()[0] - ax.get_ylim()[1])
-    ax.text(
+    tag = _tag_class()(
         x,
         y,
         text,
@@ -105,6 +107,51 @@ def _tag(ax: Any, x: float, y: float, text: str, color: tuple[int, int, int]) ->
         clip_on=True,
         bbox={"facecolor": _rgb01(color), "edgecolor": "none", "pad": 1.5, "alpha": 0.85},
     )
+    ax.add_artist(tag)
+    tag.set_transform(ax.transData + tag.shift)
+
+
+@functools.cache
+def _tag_class() -> type:
+    """The tag's Text subclass, made on first use: importing this module imports no matplotlib."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Affine2D, Bbox
+
+    class Tag(Text):
+        """Text at a shape's corner that, each time it is drawn, moves by the fewest display
+        pixels that keep it and its filled tag inside the axes: the label of a box at the right
+        edge moves left instead of being cut off. It is measured with the renderer that draws
+        it, so it holds after ``tight_layout``, at any dpi and in saved figures; its position
+        stays the shape's corner."""
+
+        def __init__(self, x: float, y: float, text: str, **kwargs: Any) -> None:
+            super().__init__(x, y, text, **kwargs)
+            self.shift = Affine2D()  # display pixels, after the data transform
+
+        def draw(self, renderer: Any) -> None:
+            self.shift.clear()
+            if renderer is not None and self.axes is not None and self.get_text():
+                frame = self.axes.get_window_extent(renderer)
+                extent = self.get_window_extent(renderer)
+                if self.get_bbox_patch() is not None:
+                    self.update_bbox_position_size(renderer)
+                    patch = self.get_bbox_patch().get_window_extent(renderer)
+                    extent = Bbox.union([extent, patch])
+                # A tag wider than the axes keeps its left end in view.
+                dx = max(min(0.0, frame.x1 - extent.x1), frame.x0 - extent.x0)
+                dy = max(min(0.0, frame.y1 - extent.y1), frame.y0 - extent.y0)
+                self.shift.translate(dx, dy)
+            super().draw(renderer)
+
+    Tag.__name__ = Tag.__qualname__ = "_Tag"  # pickled figures find it: see __getattr__
+    return Tag
+
+
+def __getattr__(name: str) -> Any:
+    """``_Tag``, the tag class, made on first use (as when a pickled figure is loaded)."""
+    if name == "_Tag":
+        return _tag_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _inside(box: Sequence[float], size: tuple[int, int], margin: float) -> list[float]:

@@ -231,3 +231,24 @@ def test_default_titles_say_what_was_asked_and_what_came_back(florence, grey, tm
     assert titles[2] == "REGION_TO_CATEGORY (10, 10, 50, 50): car"
     assert titles[3].startswith("CAPTION: ") and titles[3].endswith("(cut off at max_new_tokens)")
     assert titles[4].startswith('OPEN_VOCABULARY_DETECTION "car, tree": ')
+
+
+@pytest.mark.parametrize("dpi", [72, 150])
+def test_a_label_at_the_right_edge_moves_left_to_stay_inside_the_axes(grey, dpi):
+    """A long label on a box touching the right edge was cut off there ("floodligh")."""
+    from florence_helpers import plot_grid
+
+    long_label = "a floodlight on the lattice tower"
+    result = boxes(((185, 40, 200, 90), long_label))
+    fig = plot_grid([grey, grey], [result, result], columns=2, size=3.0)  # tight_layout too
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        (label,) = ax.texts
+        assert label.get_text() == long_label
+        frame = ax.get_window_extent()
+        for extent in (label.get_window_extent(), label.get_bbox_patch().get_window_extent()):
+            assert frame.x0 - 0.01 <= extent.x0 and extent.x1 <= frame.x1 + 0.01, (extent, frame)
+            assert frame.y0 - 0.01 <= extent.y0 and extent.y1 <= frame.y1 + 0.01, (extent, frame)
+        assert label.get_position() == (185, 40)  # still anchored at the box's corner
+    plt.close(fig)
