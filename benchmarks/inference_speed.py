@@ -51,17 +51,17 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from florence_helpers import TASKS, FlorenceModel, Task, build_prompt, decoding, run
-from florence_helpers.inference import run_tasks
-from florence_helpers.model import (
-    cpu_has_native_bf16,
+from florence_helpers import TASKS, FlorenceModel, Task, build_prompt, run
+from florence_helpers.model import decoding
+from florence_helpers.model.devices import cpu_has_native_bf16, resolve_dtype
+from florence_helpers.model.inference import run_tasks
+from florence_helpers.model.kernels import (
     cpuinfo_field,
     onednn_beats_mkl,
-    resolve_dtype,
     use_onednn_linears,
     use_plain_linears,
-    vision_tower,
 )
+from florence_helpers.model.loading import vision_tower
 from florence_helpers.testing import ForcedAnswer, build_processor, build_random_model
 
 try:  # run as a script: benchmarks/ is on the path
@@ -691,7 +691,7 @@ def device_report(args: argparse.Namespace) -> dict[str, Any]:
     """The device report: latency, throughput against batch size, 15 tasks, peak memory."""
     import transformers
 
-    from florence_helpers.model import compile_for_speed
+    from florence_helpers.model.loading import compile_for_speed
 
     device = torch.device(args.device or "cuda")
     dtype = resolve_dtype(args.dtype, device)

@@ -32,8 +32,9 @@ import torch
 from inference_speed import ANSWER_TOKENS, ARCHITECTURES, VOCAB
 from nbclient import NotebookClient
 
-from florence_helpers.checkpoints import MICROSOFT_GENERATION_SETTINGS, POST_PROCESSOR_CONFIG
-from florence_helpers.model import cpu_has_native_bf16, cpuinfo_field
+from florence_helpers.model.convert import MICROSOFT_GENERATION_SETTINGS, POST_PROCESSOR_CONFIG
+from florence_helpers.model.devices import cpu_has_native_bf16
+from florence_helpers.model.kernels import cpuinfo_field
 from florence_helpers.testing import build_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +44,11 @@ TRAINING = ("06_fine_tuning.ipynb", "08_fine_tuning_document_vqa.ipynb")
 # Runs in the notebook's kernel before its first cell: each run/run_tasks call asks for answers
 # of its task's usual length (a generate setting, so the answers stay the model's own tokens).
 _LENGTHS = """
-import florence_helpers, florence_helpers.inference as _inference
-from florence_helpers import detection as _detection, labelling as _labelling, tiling as _tiling
-from florence_helpers.tasks import task_spec as _spec
+import florence_helpers, florence_helpers.model.inference as _inference
+from florence_helpers.labelling import jobs as _labelling
+from florence_helpers.model import detection as _detection, tiling as _tiling
+from florence_helpers.serve import batching as _batching
+from florence_helpers.language.tasks import task_spec as _spec
 from transformers import LogitsProcessor, LogitsProcessorList
 
 _TOKENS = {lengths!r}
@@ -93,7 +96,7 @@ def _timed_run_tasks(florence, image, tasks, **kwargs):
     return _run_tasks(florence, image, tasks, **kwargs)
 
 
-for _module in (florence_helpers, _inference, _labelling, _tiling):
+for _module in (florence_helpers, _inference, _labelling, _tiling, _batching):
     if hasattr(_module, "run"):
         _module.run = _timed_run
 for _module in (florence_helpers, _inference, _detection):
@@ -106,7 +109,7 @@ def build_model(folder: Path) -> Path:
     """The full-size base architecture, random weights, Florence-2's real tokenizer."""
     from transformers import AutoProcessor, CLIPImageProcessor, Florence2Processor
 
-    from florence_helpers.checkpoints import convert
+    from florence_helpers.model.convert import convert
 
     converted = convert(ROOT / "tests/data/microsoft/hub", folder / "real-tokenizer")
     tokenizer = AutoProcessor.from_pretrained(converted).tokenizer

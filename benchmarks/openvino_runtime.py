@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from florence_helpers import FlorenceModel, Task, build_prompt
-from florence_helpers.model import use_plain_linears
+from florence_helpers.model.kernels import use_plain_linears
 
 
 def available() -> bool:

@@ -23,8 +23,9 @@ from PIL import Image
 
 from florence_helpers import Task, run
 from florence_helpers import batching as serving  # the worker queue calls run()
-from florence_helpers.model import cpu_has_native_bf16, resolve_dtype
-from florence_helpers.serve import ServeSettings, start_server
+from florence_helpers.model.devices import cpu_has_native_bf16, resolve_dtype
+from florence_helpers.serve.app import start_server
+from florence_helpers.serve.settings import ServeSettings
 
 TOKENS = ANSWER_TOKENS[Task.CAPTION]
 

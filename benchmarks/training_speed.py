@@ -1,4 +1,4 @@
-"""Training-step speed of florence_helpers.finetune.train, on this machine.
+"""Training-step speed of florence_helpers.training.train, on this machine.
 
     python benchmarks/training_speed.py              # Florence-2-base architecture, batch 2
     python benchmarks/training_speed.py --batch 4 --steps 5
@@ -42,11 +42,13 @@ import torch
 from inference_speed import build, processor_name
 
 from florence_helpers import FlorenceModel, Task
-from florence_helpers.adapters import add_lora, trainable_parameters
-from florence_helpers.finetune import TrainingConfig, train
-from florence_helpers.model import cpu_has_native_bf16
-from florence_helpers.sample_data import make_shapes_dataset
-from florence_helpers.training_data import TrainingSample, read_coco
+from florence_helpers.model.adapters import add_lora, trainable_parameters
+from florence_helpers.model.devices import cpu_has_native_bf16
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.config import TrainingConfig
+from florence_helpers.training.finetune import train
+from florence_helpers.training.sample_data import make_shapes_dataset
+from florence_helpers.training.samples import TrainingSample
 
 SETTINGS = ("cached", "LoRA", "frozen", "trainable")
 PRECISIONS = {"fp32": False, "default": None}  # TrainingConfig.mixed_precision

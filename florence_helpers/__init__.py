@@ -2,10 +2,16 @@
 
 What is exported here: what a notebook or script needs to load a model, run tasks, read and
 select results, draw them and convert them (COCO, masks, supervision, box formats). Whole
-workflows with their own vocabulary are imported from their modules: ``finetune``,
-``adapters``, ``training_data``, ``evaluation.evaluate_samples``, ``labelling``,
-``ray_labelling``, ``widgets``; so are internals (``decoding``, ``prefetch``) and the offline
-test model (``testing``). ``__all__`` is sorted: constants, classes, then functions.
+workflows with their own vocabulary come from their subpackages: ``florence_helpers.training``
+(datasets, LoRA adapters, ``train``, ``evaluate_samples``), ``florence_helpers.labelling``
+(``label``, ``read_labels``, Ray Data), ``florence_helpers.serve`` (HTTP and MCP),
+``florence_helpers.widgets`` (``explore``); the offline test model is in
+``florence_helpers.testing``. ``__all__`` is sorted: constants, classes, then functions.
+
+The package is in layers, each a subpackage that imports only those below it: ``language``
+(tasks, prompts, the answer grammar, results) and ``boundary`` (the one way in and out),
+``drawing``, ``model``, ``training``, then the applications (``labelling``, ``serve``) and the
+top (``cli``, ``widgets``, ``testing``). Each subpackage's docstring says what it holds.
 
 Example:
     >>> from florence_helpers import load_model, run, plot_result
@@ -14,7 +20,8 @@ Example:
     >>> plot_result("images/astronaut.jpg", result)  # doctest: +SKIP
 """
 
-from .conversions import (
+from .boundary.images import ImageLoadError, load_image
+from .drawing.conversions import (
     coco_categories,
     cutout,
     from_coco,
@@ -24,19 +31,7 @@ from .conversions import (
     to_masks,
     to_supervision,
 )
-from .detection import detect
-from .evaluation import DetectionEvaluation, evaluate_detections
-from .images import ImageLoadError, load_image
-from .inference import run, run_tasks
-from .model import (
-    CHECKPOINTS,
-    DEFAULT_MODEL_ID,
-    FlorenceModel,
-    ModelNotAvailableError,
-    load_model,
-)
-from .ocr import reading_order, to_lines
-from .plotting import (
+from .drawing.plotting import (
     annotate,
     label_color,
     plot_boxes,
@@ -46,8 +41,9 @@ from .plotting import (
     plot_region,
     plot_result,
 )
-from .prompts import TaskInputError, build_prompt
-from .regions import (
+from .language.ocr import reading_order, to_lines
+from .language.prompts import TaskInputError, build_prompt
+from .language.regions import (
     RegionError,
     box_to_loc_tokens,
     dequantize,
@@ -56,9 +52,15 @@ from .regions import (
     xywh_to_xyxy,
     xyxy_to_xywh,
 )
-from .results import BoxesResult, OCRResult, PolygonsResult, Result, TextResult, parse_answer
-from .scores import filter_by_score, sort_by_score, top_k
-from .tasks import (
+from .language.results import (
+    BoxesResult,
+    OCRResult,
+    PolygonsResult,
+    Result,
+    TextResult,
+    parse_answer,
+)
+from .language.tasks import (
     TASKS,
     InputKind,
     ResultKind,
@@ -68,7 +70,18 @@ from .tasks import (
     custom_task,
     task_spec,
 )
-from .tiling import tiled_ocr
+from .model.detection import detect
+from .model.inference import run, run_tasks
+from .model.loading import (
+    CHECKPOINTS,
+    DEFAULT_MODEL_ID,
+    FlorenceModel,
+    ModelNotAvailableError,
+    load_model,
+)
+from .model.scores import filter_by_score, sort_by_score, top_k
+from .model.tiling import tiled_ocr
+from .training.evaluation import DetectionEvaluation, evaluate_detections
 
 __all__ = [
     "CHECKPOINTS",

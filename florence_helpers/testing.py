@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from .checkpoints import (
+from .model.convert import (
     FLORENCE_SPECIAL_TOKENS,
     IMAGE_TOKEN,
     MICROSOFT_GENERATION_SETTINGS,
@@ -53,7 +53,9 @@ _CORPUS = [
     "Florence notebooks: learn to read text, find objects and draw masks. 0123456789",
 ]
 
+
 _TINY_IMAGE_SIDE = 128  # pixels the processor resizes to; the vision tower downsamples by 32
+
 
 # Random weights almost never pick ``</s>``, so an untrained answer would run to
 # ``max_new_tokens`` (1024 by default: seconds per call, minutes per notebook). The tiny model's

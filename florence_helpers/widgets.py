@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import html
 import io
-import json
-import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .images import ImageSource, load_image
-from .model import FlorenceModel
-from .tasks import TASKS, InputKind, Task, TaskSpec, task_spec
+from .boundary.images import ImageSource, load_image
+from .drawing.summaries import readable_json, summarize
+from .language.tasks import TASKS, InputKind, Task, TaskSpec, task_spec
+from .model.loading import FlorenceModel
 
 _REGION_LABEL = "region"
 _INSTALL_HINT = 'pip install "florence-helpers[explore]"'
+
 
 # What each text task wants in the Text box, said to someone looking at the panel.
 _TEXT_PROMPTS = {
@@ -34,6 +33,8 @@ _TEXT_PROMPTS = {
     Task.OPEN_VOCABULARY_DETECTION: "Type what to look for in the Text box, e.g. 'a red car'.",
     Task.REFERRING_EXPRESSION_SEGMENTATION: "Type a phrase in the Text box, e.g. 'the cat'.",
 }
+
+
 _STYLE = """<style>
 .florence-explorer-busy::before { content: ""; display: inline-block; width: 0.9em;
   height: 0.9em; margin-right: 0.5em; vertical-align: -0.1em; border: 2px solid #90caf9;
@@ -64,71 +65,6 @@ def _png(image: Any) -> bytes:
 def _status(kind: str, text: str) -> str:
     """Status line HTML: kind is "busy", "done", "error", "stale" or "hint"."""
     return f'<div class="florence-explorer-{kind}">{html.escape(text)}</div>'
-
-
-def _count_labels(labels: Sequence[str], scores: Any) -> str:
-    """'dog ×2 (0.91, 0.40), cat' — labels in order of first appearance, with their scores."""
-    counts = Counter(labels)
-    parts = []
-    for label in dict.fromkeys(labels):
-        shown = html.escape(label) if label else "<i>no label</i>"
-        if counts[label] > 1:
-            shown += f" ×{counts[label]}"
-        if scores is not None:
-            values = [f"{s:.2f}" for s, lab in zip(scores, labels, strict=True) if lab == label]
-            shown += f" ({', '.join(values)})"
-        parts.append(shown)
-    return ", ".join(parts)
-
-
-def summarize(result: Any) -> str:
-    """A short HTML summary of a result: the text, or labels with counts and scores.
-
-    Example:
-        >>> from florence_helpers import TextResult
-        >>> summarize(TextResult("CAPTION", (10, 10), raw="a cat", text="a cat"))
-        '<b>Text:</b> a cat'
-    """
-    from .results import BoxesResult, OCRResult, PolygonsResult, TextResult
-
-    note = " <i>(the answer was cut at max_new_tokens)</i>" if result.truncated else ""
-    if isinstance(result, TextResult):
-        text = html.escape(result.text) if result.text else "<i>empty answer</i>"
-        return f"<b>Text:</b> {text}{note}"
-    if isinstance(result, OCRResult):
-        if not len(result):
-            return f"<b>No text found.</b>{note}"
-        lines = "".join(f"<li>{html.escape(t)}</li>" for t in result.texts)
-        return f"<b>{len(result)} lines of text:</b><ol>{lines}</ol>{note}"
-    if isinstance(result, (BoxesResult, PolygonsResult)):
-        what = "boxes" if isinstance(result, BoxesResult) else "masks"
-        if not len(result):
-            return f"<b>No {what}.</b>{note}"
-        labels = _count_labels(result.labels, result.scores)
-        return f"<b>{len(result)} {what}:</b> {labels}{note}"
-    return html.escape(type(result).__name__)
-
-
-# A pretty-printed array of numbers only: it spans lines (a string's brackets never do).
-_NUMBER_ARRAY = re.compile(r"\[(\s*\n[-+0-9.eE,\s]*)\]")
-
-
-def readable_json(payload: Any) -> str:
-    """JSON indented by object, with each list of numbers (a box, a point) on one line.
-
-    Example:
-        >>> print(readable_json({"boxes": [[1.0, 2.0, 3.0, 4.0]], "labels": ["car"]}))
-        {
-          "boxes": [
-            [1.0, 2.0, 3.0, 4.0]
-          ],
-          "labels": [
-            "car"
-          ]
-        }
-    """
-    text = json.dumps(payload, ensure_ascii=False, indent=2)
-    return _NUMBER_ARRAY.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 class _Ticker:
@@ -200,6 +136,15 @@ class Explorer:
         self.busy = False
         self._syncing = False
         self._size: tuple[int, int] | None = None
+        self._build_inputs(widgets, BBoxWidget, task)
+        self._build_outputs(widgets)
+        self._lay_out(widgets)
+        self._connect()
+        self._show_image()
+        self._task_changed()
+
+    def _build_inputs(self, widgets: Any, bbox_widget: Any, task: str | Task) -> None:
+        """The image and task choosers, the text box, the region fields and drawing canvas."""
         wide = {"width": "560px"}
         label_width = {"description_width": "48px"}
 
@@ -231,13 +176,16 @@ class Explorer:
             _status("hint", "Drag on the image to draw the region, or type its corners (pixels).")
         )
         self.region_box = widgets.VBox([self.region_hint, widgets.HBox(self.region)])
-        self.canvas = BBoxWidget(
+        self.canvas = bbox_widget(
             classes=[_REGION_LABEL],
             label=_REGION_LABEL,
             hide_buttons=True,
             view_only=True,
             layout={"width": "560px"},
         )
+
+    def _build_outputs(self, widgets: Any) -> None:
+        """The Run button, the status line, the drawing, the summary and the folded JSON."""
         self.button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.status = widgets.HTML()
         self.drawing = widgets.Image(format="png", layout={"width": "560px", "display": "none"})
@@ -246,6 +194,9 @@ class Explorer:
         self.details = widgets.Accordion(children=[self.raw_json], titles=("Result as JSON",))
         self.details.selected_index = None
         self.details.layout.display = "none"
+
+    def _lay_out(self, widgets: Any) -> None:
+        """The panel: inputs above, Run and the status, then what came back."""
         self.widget = widgets.VBox(
             [
                 widgets.HTML(_STYLE),
@@ -270,6 +221,8 @@ class Explorer:
         ]:
             widget.add_class(f"florence-explorer-{name}")
 
+    def _connect(self) -> None:
+        """Every input change clears a stale result; Enter and Run run."""
         self.image.observe(lambda _: self._show_image(), names="value")
         self.task.observe(lambda _: self._task_changed(), names="value")
         self.text.observe(lambda _: self._clear_result(), names="value")
@@ -278,8 +231,6 @@ class Explorer:
         self.canvas.observe(lambda _: self._region_drawn(), names="bboxes")
         self.text.on_msg(self._text_message)
         self.button.on_click(lambda _: self.run())
-        self._show_image()
-        self._task_changed()
 
     # Inputs ------------------------------------------------------------------------------
 
@@ -371,7 +322,7 @@ class Explorer:
         if spec.input is InputKind.TEXT and not self.text.value.strip():
             return _TEXT_PROMPTS.get(spec.task, "Type a phrase in the Text box.")
         if spec.input is InputKind.REGION:
-            from .regions import RegionError, check_box
+            from .language.regions import RegionError, check_box
 
             x1, y1, x2, y2 = (field.value for field in self.region)
             if not (x1 < x2 and y1 < y2):
@@ -405,7 +356,7 @@ class Explorer:
     def _show_result(self, source: ImageSource, result: Any, region: Any, seconds: float) -> None:
         import matplotlib.pyplot as plt
 
-        from .plotting import plot_result
+        from .drawing.plotting import plot_result
 
         fig, ax = plt.subplots(figsize=(7, 7))
         try:
@@ -434,7 +385,7 @@ class Explorer:
         """
         if self.busy:
             return None
-        from .inference import run
+        from .model.inference import run
 
         spec = self.spec
         self.result = None

@@ -18,15 +18,11 @@ from safetensors.torch import load_file, save_file
 from transformers import Florence2ForConditionalGeneration
 
 from florence_helpers import ModelNotAvailableError, load_model
-from florence_helpers.adapters import add_lora, load_adapter, save_adapter
-from florence_helpers.checkpoints import (
-    FLORENCE_SPECIAL_TOKENS,
-    CheckpointError,
-    checkpoint_layout,
-    convert,
-    convert_checkpoint,
-)
-from florence_helpers.outputs import OutputError
+from florence_helpers.boundary.outputs import OutputError
+from florence_helpers.model.adapters import add_lora, load_adapter, save_adapter
+from florence_helpers.model.checkpoint_files import checkpoint_layout
+from florence_helpers.model.convert import FLORENCE_SPECIAL_TOKENS, convert, convert_checkpoint
+from florence_helpers.model.weight_files import CheckpointError
 from florence_helpers.testing import build_tiny_tokenizer
 
 _TO_REMOTE = [
@@ -299,7 +295,7 @@ def test_a_hub_checkpoint_that_fails_to_load_is_not_blamed_on_the_network(
 ):
     import transformers
 
-    import florence_helpers.model as model
+    import florence_helpers.model.loading as model
 
     monkeypatch.setattr(model, "_hub_reachable", lambda name: True)
 
@@ -660,13 +656,14 @@ def test_convert_names_a_damaged_adapter_file(remote_adapter, tmp_path, damage, 
 
 
 def test_new_is_checked_before_old_is_read(tmp_path, monkeypatch):
-    import florence_helpers.checkpoints as checkpoints
+    import florence_helpers.model.convert as checkpoints
+    import florence_helpers.model.convert_adapter as adapters
 
     def never(*args, **kwargs):
         raise AssertionError("the input was read before NEW was checked")
 
     monkeypatch.setattr(checkpoints, "checkpoint_layout", never)
-    monkeypatch.setattr(checkpoints, "_read_adapter_config", never)
+    monkeypatch.setattr(adapters, "_read_adapter_config", never)
     taken = tmp_path / "labels.txt"
     taken.write_text("mine")
     # OLD does not even exist: NEW is refused first.
@@ -709,7 +706,7 @@ def test_convert_refuses_an_output_that_cannot_be_a_new_folder(
 _FULL_DISK = """
 import json, resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-from florence_helpers.checkpoints import convert
+from florence_helpers.model.convert import convert
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), int(sys.argv[3])))
 try:
     convert(sys.argv[1], sys.argv[2], overwrite=True)
@@ -831,7 +828,7 @@ def test_an_overwrite_that_fails_part_way_keeps_the_old_new(remote, tmp_path, mo
 
 
 def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_path, monkeypatch):
-    import florence_helpers.checkpoints as checkpoints
+    import florence_helpers.model.convert_output as checkpoints
 
     new = tmp_path / "new"
     new.mkdir()

@@ -19,7 +19,8 @@ from florence_helpers import (
     run,
     run_tasks,
 )
-from florence_helpers.labelling import label, read_labels
+from florence_helpers.labelling import read_labels
+from florence_helpers.labelling.jobs import label
 from florence_helpers.testing import force_answers
 
 BOX = "<loc_100><loc_200><loc_300><loc_400>"

@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from florence_helpers import ImageLoadError, TaskInputError, cli
-from florence_helpers.label_files import check_label_file, job_settings
-from florence_helpers.labelling import LabelFileError, export_coco, label, read_labels
-from florence_helpers.outputs import OutputError
+from florence_helpers.boundary.outputs import OutputError
+from florence_helpers.labelling import (
+    LabelFileError,
+    check_label_file,
+    export_coco,
+    job_settings,
+    read_labels,
+)
+from florence_helpers.labelling.jobs import label
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"max_new_tokens": 4, "num_beams": 1, "progress": False}
@@ -182,7 +188,7 @@ def test_a_folder_that_cannot_be_read_stops_the_job_before_anything_is_written(
 FULL_DISK = """
 import json, resource, signal, sys
 from florence_helpers import load_model
-from florence_helpers.labelling import label
+from florence_helpers.labelling.jobs import label
 florence = load_model(sys.argv[1], device="cpu", dtype="float32")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), int(sys.argv[4])))
@@ -283,7 +289,7 @@ def test_read_labels_skips_every_kind_of_bad_line(tmp_path):
 
 def test_labels_made_with_an_adapter_are_another_job_and_get_written(load_tiny, photos, tmp_path):
     pytest.importorskip("peft")
-    from florence_helpers.adapters import add_lora, merge_adapter
+    from florence_helpers.model.adapters import add_lora, merge_adapter
 
     base = load_tiny()
     out = tmp_path / "labels.jsonl"
@@ -297,3 +303,70 @@ def test_labels_made_with_an_adapter_are_another_job_and_get_written(load_tiny, 
     again = label(merged, photos, "CAPTION", out, add=True, **FAST)
     assert (again.written, again.skipped) == (3, 0)  # merged weights: another job again
     assert len(read_labels(out)) == 9
+
+
+# --- cases from a hostile review ----------------------------------------------------------
+
+
+def test_a_label_file_and_a_link_to_it_share_one_lock(florence, photos, tmp_path):
+    from florence_helpers.labelling.files import locked
+
+    real = tmp_path / "out.jsonl"
+    real.write_text("")
+    (tmp_path / "link.jsonl").symlink_to(real)
+    os.link(real, tmp_path / "hard.jsonl")
+    with locked(real):
+        for name in ("link.jsonl", "hard.jsonl"):
+            with pytest.raises(LabelFileError, match="being written by another labelling"):
+                label(florence, photos, "CAPTION", tmp_path / name, **FAST)
+    assert real.read_text() == ""
+
+
+def test_retrying_errors_through_a_hard_link_is_refused(florence, photos, tmp_path):
+    (photos / "late.jpg").write_bytes(b"half a download")
+    out = tmp_path / "out.jsonl"
+    label(florence, photos, "CAPTION", out, **FAST)
+    os.link(out, tmp_path / "other-name.jsonl")
+    before = out.read_bytes()
+    with pytest.raises(LabelFileError, match="hard links"):
+        label(florence, photos, "CAPTION", out, retry_errors=True, **FAST)
+    assert out.read_bytes() == before == (tmp_path / "other-name.jsonl").read_bytes()
+
+
+def test_a_file_named_like_the_lock_is_never_touched(florence, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("poetry.lock").write_text("pinned")
+    label(florence, photos, "CAPTION", "poetry", **FAST)
+    assert Path("poetry.lock").read_text() == "pinned"
+    assert not list(tmp_path.glob(".*florence-lock"))  # the lock it made went with it
+
+
+def test_a_path_with_a_scheme_like_prefix_is_a_local_file_and_never_overwritten(
+    photos, no_model, capsys, monkeypatch
+):
+    monkeypatch.chdir(photos)
+    (photos / "pics:").mkdir()
+    shutil.copy(photos / "cat.jpg", photos / "pics:" / "cat.jpg")
+    before = (photos / "pics:" / "cat.jpg").read_bytes()
+    code, err = main(capsys, "pics://cat.jpg", "--task", "OD", "--out", "pics:/cat.jpg")
+    assert code == 2 and "would overwrite the input" in err, err
+    assert (photos / "pics:" / "cat.jpg").read_bytes() == before
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_model_loads(
+    photos, no_model, capsys, tmp_path
+):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, err = main(
+        capsys,
+        "label",
+        photos,
+        "--task",
+        "OD",
+        "--out",
+        tmp_path / "x.jsonl",
+        "--coco",
+        blocker / "coco.json",
+    )
+    assert code == 2 and "is a file, not a folder" in err, err

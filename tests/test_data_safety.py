@@ -25,20 +25,19 @@ from florence_helpers import (
     ModelNotAvailableError,
     TaskInputError,
     load_image,
-    outputs,
     run,
 )
-from florence_helpers.adapters import AdapterError, add_lora, load_adapter, save_adapter
-from florence_helpers.conversions import from_coco
-from florence_helpers.inputs import InputLimits
-from florence_helpers.labelling import LabelFileError, find_images, label, read_labels
-from florence_helpers.regions import RegionError
-from florence_helpers.training_data import (
-    AnnotationError,
-    read_coco,
-    read_grounding_jsonl,
-    read_qa,
-)
+from florence_helpers.boundary import outputs
+from florence_helpers.boundary.inputs import InputLimits
+from florence_helpers.drawing.conversions import from_coco
+from florence_helpers.labelling import LabelFileError, read_labels
+from florence_helpers.labelling.jobs import find_images, label
+from florence_helpers.language.regions import RegionError
+from florence_helpers.model.adapters import AdapterError, add_lora, load_adapter, save_adapter
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.grounding import read_grounding_jsonl
+from florence_helpers.training.qa import read_qa
+from florence_helpers.training.samples import AnnotationError
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"max_new_tokens": 4, "num_beams": 1, "progress": False}
@@ -174,7 +173,8 @@ def test_a_second_writer_is_refused_at_once(florence, photos, tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from florence_helpers import label_files"
+            "import sys, time; from pathlib import Path\n"
+            "from florence_helpers.labelling import files as label_files"
             "\nwith label_files.locked(Path(sys.argv[1])):\n print('held', flush=True)\n"
             " time.sleep(60)",
             str(out),
@@ -194,7 +194,7 @@ def test_a_second_writer_is_refused_at_once(florence, photos, tmp_path):
         holder.wait()
     summary = label(florence, photos, "CAPTION", out, **FAST)  # the lock went with its holder
     assert summary.written == 3
-    assert not (tmp_path / "labels.jsonl.lock").exists()
+    assert not (tmp_path / ".labels.jsonl.florence-lock").exists()
 
 
 def test_a_full_disk_stops_the_job_with_every_finished_record_intact(
@@ -223,7 +223,8 @@ def test_a_full_disk_stops_the_job_with_every_finished_record_intact(
 def test_the_cli_reports_a_full_disk_in_one_line_and_exit_code_4(photos, tmp_path, tiny_model_dir):
     script = (
         "import errno, os, sys\n"
-        "from florence_helpers import outputs, cli\n"
+        "from florence_helpers import cli\n"
+        "from florence_helpers.boundary import outputs\n"
         "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
         "outputs.os.fsync = full\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from florence_helpers import run
-from florence_helpers.inference import run_tasks
+from florence_helpers.model.inference import run_tasks
 from florence_helpers.testing import force_answers
 
 ANSWERS = [

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from florence_helpers import BoxesResult, TaskInputError, detect, run
-from florence_helpers.detection import non_max_suppression
-from florence_helpers.results import BoxesResult as Boxes
-from florence_helpers.tasks import Task
+from florence_helpers.language.results import BoxesResult as Boxes
+from florence_helpers.language.tasks import Task
+from florence_helpers.model.detection import non_max_suppression
 from florence_helpers.testing import force_answers
 
 # Florence-2's open-vocabulary detection answer: the phrase, then a box's four location tokens.

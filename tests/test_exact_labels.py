@@ -19,9 +19,9 @@ from florence_helpers import (
     run,
     to_coco,
 )
-from florence_helpers.grammar import instance_labels
+from florence_helpers.language.grammar import instance_labels
 from florence_helpers.testing import force_answers
-from florence_helpers.training_data import read_coco
+from florence_helpers.training.coco import read_coco
 
 NAMES = ["café", "狗", "信号機", "Zürich"]
 BOXES = [

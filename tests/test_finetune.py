@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from florence_helpers import load_model
-from florence_helpers.adapters import (
+from florence_helpers.model.adapters import (
     add_lora,
     load_adapter,
     merge_adapter,
@@ -24,11 +24,13 @@ from florence_helpers.adapters import (
     save_model,
     trainable_parameters,
 )
-from florence_helpers.evaluation import evaluate_samples
-from florence_helpers.finetune import TrainingConfig, collate, freeze_vision_tower, train
-from florence_helpers.sample_data import make_shapes_dataset
 from florence_helpers.testing import force_answers
-from florence_helpers.training_data import read_coco, read_grounding_jsonl
+from florence_helpers.training import collate, freeze_vision_tower, train
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.config import TrainingConfig
+from florence_helpers.training.evaluation import evaluate_samples
+from florence_helpers.training.grounding import read_grounding_jsonl
+from florence_helpers.training.sample_data import make_shapes_dataset
 
 # Settings under which the tiny model learns four generated images by heart, with a wide margin:
 # measured on this project's 2-core machine, every data/training seed 0-4 at 1 and 2 torch
@@ -148,7 +150,7 @@ def test_the_same_seed_gives_the_same_lora_run(load_tiny, shapes):
 
 
 def test_resume_after_an_interruption_gives_the_same_run(load_tiny, shapes, tmp_path, monkeypatch):
-    import florence_helpers.finetune as finetune
+    import florence_helpers.training.steps as finetune  # where train's step calls the model
 
     config = TrainingConfig(
         epochs=3,
@@ -336,7 +338,7 @@ def test_evaluate_samples_scores_canned_answers(florence, tmp_path):
 def test_the_validation_loss_is_measured_after_every_epoch(load_tiny, shapes):
     """history.validation_losses holds the held-out samples' loss after each epoch: the same
     number a plain forward pass over them gives once training is done."""
-    from florence_helpers.finetune import validation_loss
+    from florence_helpers.training.finetune import validation_loss
 
     train_set, val_set = shapes.split(0.25, seed=0)
     lora = add_lora(load_tiny(), **LORA, seed=0)
@@ -352,3 +354,33 @@ def test_the_validation_loss_is_measured_after_every_epoch(load_tiny, shapes):
     ax = history.plot()
     assert [line.get_label() for line in ax.get_lines()][-1] == "validation, after each epoch"
     assert ax.get_title() == "Training and validation loss"
+
+
+def test_the_training_loss_is_the_cross_entropy_against_the_targets_themselves(fresh, shapes):
+    """The loss train() minimises, against one written out by hand: the decoder reads the
+    target shifted right (decoder start token first), and position i's logits are scored
+    against target token i. transformers 5.0-5.12 scored them against token i+1."""
+    from florence_helpers.training.steps import _forward
+
+    batch = collate(fresh.processor, shapes.samples[:2])
+    labels = batch["labels"]
+    text = fresh.model.config.text_config
+    shifted = torch.full_like(labels, text.pad_token_id)
+    shifted[:, 0] = text.decoder_start_token_id
+    shifted[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == -100, text.pad_token_id)
+    with torch.no_grad():
+        ours = _forward(fresh.model, batch).loss
+        logits = fresh.model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=shifted,
+        ).logits.float()
+    log_p = torch.log_softmax(logits, dim=-1)
+    kept = labels != -100
+    by_hand = -log_p[kept].gather(1, labels[kept].unsqueeze(1)).mean()
+    assert torch.allclose(ours, by_hand, rtol=0, atol=1e-5)
+    against_the_next_token = (
+        -log_p[:, :-1][kept[:, 1:]].gather(1, labels[:, 1:][kept[:, 1:]].unsqueeze(1)).mean()
+    )
+    assert not torch.allclose(ours, against_the_next_token, atol=1e-3)  # the test can tell

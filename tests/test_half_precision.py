@@ -14,14 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from florence_helpers import BoxesResult, PolygonsResult, TextResult, finetune, load_model, run
-from florence_helpers.adapters import add_lora
-from florence_helpers.finetune import TrainingConfig, train
-from florence_helpers.inference import run_tasks
-from florence_helpers.model import resolve_dtype
-from florence_helpers.sample_data import make_shapes_dataset
+from florence_helpers import BoxesResult, PolygonsResult, TextResult, load_model, run
+from florence_helpers.model.adapters import add_lora
+from florence_helpers.model.devices import resolve_dtype
+from florence_helpers.model.inference import run_tasks
 from florence_helpers.testing import force_answers
-from florence_helpers.training_data import read_coco
+from florence_helpers.training import steps
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.config import TrainingConfig
+from florence_helpers.training.finetune import train
+from florence_helpers.training.sample_data import make_shapes_dataset
 
 DTYPES = [torch.bfloat16, torch.float16]
 OD = "cat<loc_100><loc_200><loc_300><loc_400>dog<loc_500><loc_500><loc_900><loc_990>"
@@ -115,7 +117,7 @@ def test_training_autocasts_to_bf16_and_keeps_float32_weights(tiny_model_dir, tm
     # The default autocasts where the processor has native bf16, and only there.
     for native, expected in ((True, torch.bfloat16), (False, None)):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(finetune, "cpu_has_native_bf16", lambda native=native: native)
+            patch.setattr(steps, "cpu_has_native_bf16", lambda native=native: native)
             autocast_seen.clear()
             train(lora, samples, TrainingConfig(epochs=1, batch_size=2), progress=False)
         assert autocast_seen == [expected]
@@ -160,7 +162,7 @@ def test_explicit_fp16_on_mps_warns():
 
 
 def test_token_probabilities_are_computed_in_float32(half, picture):
-    from florence_helpers.scores import token_logprobs
+    from florence_helpers.model.scores import token_logprobs
 
     inputs = half.processor(text="<OD>", images=picture, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(half.dtype)

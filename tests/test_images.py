@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from florence_helpers import ImageLoadError, load_image
-from florence_helpers.inputs import InputLimits
+from florence_helpers.boundary.inputs import InputLimits
 
 
 def _png_bytes(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

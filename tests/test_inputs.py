@@ -8,6 +8,7 @@ import io
 import ipaddress
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,16 +21,14 @@ from loopback import Listener, http_reply  # noqa: E402
 from PIL import Image
 
 from florence_helpers import ImageLoadError, TaskInputError, build_prompt, load_image
-from florence_helpers.inputs import (
+from florence_helpers.boundary.fetching import check_url, fetch_url, is_public_address
+from florence_helpers.boundary.inputs import (
     ForbiddenAddressError,
     InputError,
     InputLimits,
     SettingError,
     check_local_path,
     check_number,
-    check_url,
-    fetch_url,
-    is_public_address,
 )
 
 LOOPBACK = InputLimits(allowed_hosts=("127.0.0.1",))
@@ -299,3 +298,129 @@ def test_local_paths_stay_inside_the_allowed_folders(tmp_path):
     with pytest.raises(InputError, match="reads no local files"):
         check_local_path(inside / "ok.png", InputLimits(allowed_folders=()))
     assert check_local_path("~/x.png") == Path(os.path.expanduser("~/x.png"))
+
+
+# --- cases from a hostile review ----------------------------------------------------------
+
+
+def test_a_dripping_tls_handshake_ends_at_the_deadline(listeners):
+    """TLS moves the socket's descriptor into the TLS socket; the watchdog still ends it."""
+    record = b"\x16\x03\x03\x40\x00" + b"\x02" * 200  # a handshake record that never ends
+    drip = listeners(reply=lambda path: record, delay=0.2, step=1)
+    limits = InputLimits(timeout=1, allowed_hosts=("127.0.0.1",))
+    started = time.monotonic()
+    with pytest.raises(InputError, match="more than 1 s"):
+        fetch_url(f"https://127.0.0.1:{drip.port}/a.png", limits)
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b::7f00:1",
+        "64:ff9b:1::808:808",
+        "::ffff:0:a00:1",
+    ],
+)
+def test_nat64_and_translated_forms_of_private_addresses_are_not_public(address):
+    assert not is_public_address(ipaddress.ip_address(address))
+    assert is_public_address(ipaddress.ip_address("64:ff9b::808:808"))  # 8.8.8.8
+
+
+def test_a_url_path_beyond_ascii_is_fetched_percent_encoded(listeners):
+    seen = []
+    server = listeners(reply=lambda path: seen.append(path) or http_reply("200 OK", png()))
+    assert fetch_url(f"{server.url}/café.png?q=ü", LOOPBACK) == png()
+    assert seen == ["/caf%C3%A9.png?q=%C3%BC"]
+    with pytest.raises(InputError, match="not valid Unicode"):
+        fetch_url(f"{server.url}/\udcff.png", LOOPBACK)
+
+
+def test_text_with_bytes_that_are_not_utf8_is_refused_clearly():
+    with pytest.raises(TaskInputError, match="not valid Unicode"):
+        build_prompt("OPEN_VOCABULARY_DETECTION", (10, 10), text="caf\udce9")
+
+
+def repeated_scans(count: int) -> bytes:
+    """A small progressive JPEG whose last scan is repeated ``count`` times: every scan is
+    another pass over every pixel (libjpeg only warns about the bogus progression)."""
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(buffer, "JPEG", progressive=True, quality=50)
+    data = buffer.getvalue()
+    last = data.rindex(b"\xff\xda")
+    scan = data[last:-2]  # up to the end-of-image marker
+    return data[:-2] + scan * count + b"\xff\xd9"
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    with pytest.raises(ImageLoadError, match="more than 64 progressive scans"):
+        load_image(repeated_scans(2000))
+    assert load_image(repeated_scans(3)).size == (64, 64)  # an ordinary progressive JPEG
+
+
+def test_formats_outside_the_decoded_ones_are_refused_before_their_decoder_runs(tmp_path):
+    # An ICO whose directory says 16x16 and whose PNG inside is 13000x13000: Pillow decodes
+    # it while opening; it must never get that far.
+    inner = png(1, 1)
+    ico = struct.pack("<HHH", 0, 1, 1) + struct.pack(
+        "<BBBBHHII", 16, 16, 0, 0, 1, 32, len(inner), 22
+    )
+    for data in (ico + inner, b"DDS " + b"\x00" * 124):
+        with pytest.raises(ImageLoadError, match="not a picture in a format this package decodes"):
+            load_image(data)
+
+
+def test_a_fifo_named_like_an_image_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "trap.jpg"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(fifo)
+    assert time.monotonic() - started < 5
+
+
+def test_damaged_exif_is_an_image_error_not_a_crash(tmp_path):
+    # EXIF saying "rotated", with XResolution stored as text where a fraction belongs:
+    # turning the image upright rewrites the EXIF, and Pillow trips over it.
+    entries = struct.pack("<HHI", 0x0112, 3, 1) + struct.pack("<HH", 6, 0)
+    entries += struct.pack("<HHI", 0x011A, 2, 4) + b"abc\x00"
+    exif = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 2) + entries + b"\x00" * 4
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12)).save(buffer, "WEBP", exif=b"Exif\x00\x00" + exif)
+    try:
+        result = load_image(buffer.getvalue())
+    except ImageLoadError as error:
+        assert "EXIF" in str(error)
+    else:
+        assert result.size == (12, 16)  # read and turned upright
+
+
+def test_a_nul_in_a_path_is_a_clear_error():
+    with pytest.raises(ImageLoadError, match="NUL"):
+        load_image("images/cat\x00.jpg")
+
+
+def test_the_allowed_folder_is_checked_on_the_opened_file(tmp_path, monkeypatch):
+    """A link swapped after the path's check still cannot lead outside: the check is repeated
+    on the file that was opened."""
+    from florence_helpers.boundary import images
+
+    inside, outside = tmp_path / "allowed", tmp_path / "other"
+    inside.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png())
+    (inside / "ok.png").write_bytes(png())
+    real_allowed = images._allowed
+
+    def swap_after_the_check(path, limits):
+        checked = real_allowed(path, limits)
+        os.remove(inside / "ok.png")
+        os.symlink(outside / "secret.png", inside / "ok.png")  # the swap
+        images._allowed = real_allowed
+        return checked
+
+    monkeypatch.setattr(images, "_allowed", swap_after_the_check)
+    with pytest.raises(ImageLoadError, match="outside the folders"):
+        load_image(inside / "ok.png", limits=InputLimits(allowed_folders=(inside,)))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from florence_helpers import BoxesResult, TaskInputError
-from florence_helpers.labelling import export_coco, find_images, label, read_labels
+from florence_helpers.labelling import export_coco, read_labels
+from florence_helpers.labelling.jobs import find_images, label
 from florence_helpers.testing import force_answers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_a_huge_image_becomes_one_error_record_and_the_job_goes_on(florence, fol
 def test_an_image_the_model_fails_on_becomes_an_error_record(
     florence, folder, tmp_path, monkeypatch
 ):
-    import florence_helpers.inference as inference
+    import florence_helpers.model.inference as inference
 
     parse = inference._parse
 
@@ -238,7 +239,7 @@ def test_read_labels_and_coco_export(florence, folder, tmp_path):
 
 def test_ray_data_gives_the_same_results(florence, folder, tmp_path, tiny_model_dir):
     ray = pytest.importorskip("ray")
-    from florence_helpers.ray_labelling import label_with_ray
+    from florence_helpers.labelling.ray import label_with_ray
 
     paths = find_images(folder)
     local = tmp_path / "local.jsonl"

@@ -17,8 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from florence_helpers import ModelNotAvailableError, load_model
-from florence_helpers.adapters import AdapterError, add_lora, load_adapter, save_adapter
-from florence_helpers.model import available_devices, is_peft, resolve_device
+from florence_helpers.model.adapters import AdapterError, add_lora, load_adapter, save_adapter
+from florence_helpers.model.devices import available_devices, resolve_device
+from florence_helpers.model.loading import is_peft
 
 # --- load_model on a damaged folder ------------------------------------------------------------
 
@@ -181,7 +182,7 @@ def test_a_device_that_is_not_a_device_is_named(device):
 
 
 def test_load_model_refuses_a_wrong_device_before_loading(monkeypatch, tmp_path):
-    import florence_helpers.model as model
+    import florence_helpers.model.loading as model
 
     def never(*args, **kwargs):
         raise AssertionError("loading started before the device was checked")

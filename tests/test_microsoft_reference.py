@@ -19,16 +19,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from florence_helpers import load_model, run, run_tasks
-from florence_helpers.adapters import load_adapter
-from florence_helpers.checkpoints import (
-    BANNED_GROUNDING_PHRASES,
-    CheckpointError,
-    _native_config,
-    convert,
-    native_name,
-)
-from florence_helpers.decoding import generate
-from florence_helpers.results import parse_answer
+from florence_helpers.language.results import parse_answer
+from florence_helpers.model.adapters import load_adapter
+from florence_helpers.model.checkpoint_files import native_name
+from florence_helpers.model.convert import BANNED_GROUNDING_PHRASES, _native_config, convert
+from florence_helpers.model.decoding import generate
+from florence_helpers.model.weight_files import CheckpointError
 
 DATA = Path(__file__).parent / "data" / "microsoft"
 REFERENCE = json.loads((DATA / "reference.json").read_text())

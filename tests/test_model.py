@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from florence_helpers import DEFAULT_MODEL_ID, ModelNotAvailableError, load_model
-from florence_helpers.model import resolve_device, resolve_dtype, resolve_model_id
-from florence_helpers.testing import FLORENCE_SPECIAL_TOKENS, build_tiny_model
+from florence_helpers.model.convert import FLORENCE_SPECIAL_TOKENS
+from florence_helpers.model.devices import resolve_device, resolve_dtype
+from florence_helpers.model.loading import resolve_model_id
+from florence_helpers.testing import build_tiny_model
 
 
 def test_load_from_a_directory(florence, tiny_model_dir):
@@ -58,11 +60,11 @@ def test_auto_dtype_on_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, ex
 @pytest.mark.parametrize("native", [True, False])
 def test_load_model_logs_its_dtype_choice(monkeypatch, caplog, tiny_model_dir, native):
     _pretend_cpu(monkeypatch, avx512_bf16=native, amx=False)
-    with caplog.at_level("INFO", logger="florence_helpers.model"):
+    with caplog.at_level("INFO", logger="florence_helpers.model.loading"):
         florence = load_model(tiny_model_dir, device="cpu")
     assert florence.dtype == (torch.bfloat16 if native else torch.float32)
     assert f"dtype={florence.dtype}" in repr(florence)
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "florence_helpers.model"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "florence_helpers.model.loading"]
     assert str(florence.dtype) in line
     assert ("natively" in line) == native
 
@@ -84,7 +86,7 @@ def test_dtype_argument_is_applied(tiny_model_dir):
 
 def test_compile_mode_gives_the_same_answers(tiny_model_dir, florence):
     from florence_helpers import run
-    from florence_helpers.model import vision_tower
+    from florence_helpers.model.loading import vision_tower
 
     compiled = load_model(tiny_model_dir, device="cpu", dtype="float32", compile=True)
     assert vision_tower(compiled.model)._compiled_call_impl is not None
@@ -192,8 +194,8 @@ def _randomise_lora_b(florence, seed):
 
 
 def test_a_plain_model_has_no_adapter_fingerprint(florence):
-    from florence_helpers.adapters import adapter_fingerprint
-    from florence_helpers.model import FlorenceModel
+    from florence_helpers.model.adapters import adapter_fingerprint
+    from florence_helpers.model.loading import FlorenceModel
 
     assert adapter_fingerprint(florence) is None
     assert florence.merged_adapter is None
@@ -205,7 +207,12 @@ def test_a_plain_model_has_no_adapter_fingerprint(florence):
 def test_the_fingerprint_follows_the_adapter_weights(load_tiny, tmp_path):
     import re
 
-    from florence_helpers.adapters import adapter_fingerprint, add_lora, load_adapter, save_adapter
+    from florence_helpers.model.adapters import (
+        adapter_fingerprint,
+        add_lora,
+        load_adapter,
+        save_adapter,
+    )
 
     lora = _randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=1)
     fingerprint = adapter_fingerprint(lora)
@@ -228,7 +235,7 @@ def test_the_fingerprint_follows_the_adapter_weights(load_tiny, tmp_path):
 
 
 def test_a_merged_adapter_keeps_its_identity(load_tiny):
-    from florence_helpers.adapters import adapter_fingerprint, add_lora, merge_adapter
+    from florence_helpers.model.adapters import adapter_fingerprint, add_lora, merge_adapter
 
     lora = _randomise_lora_b(add_lora(load_tiny(), rank=4, seed=0), seed=1)
     fingerprint = adapter_fingerprint(lora)

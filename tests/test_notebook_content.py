@@ -57,7 +57,7 @@ def _peft_cells(name: str, florence) -> tuple[dict, str]:
 def test_the_plain_peft_adapter_is_the_one_add_lora_makes(name, load_tiny):
     from peft.utils import get_peft_model_state_dict
 
-    from florence_helpers.adapters import trainable_parameters
+    from florence_helpers.model.adapters import trainable_parameters
 
     namespace, printed = _peft_cells(name, load_tiny())
     plain, lora = namespace["plain"], namespace["lora"].model
@@ -75,8 +75,9 @@ def test_the_plain_peft_adapter_is_the_one_add_lora_makes(name, load_tiny):
 
 
 def _train_set(name: str, folder: Path):
-    from florence_helpers.sample_data import make_receipts, make_shapes_dataset
-    from florence_helpers.training_data import read_coco, read_qa
+    from florence_helpers.training.coco import read_coco
+    from florence_helpers.training.qa import read_qa
+    from florence_helpers.training.sample_data import make_receipts, make_shapes_dataset
 
     if name.startswith("06_"):
         return read_coco(make_shapes_dataset(folder, num_images=4))
@@ -87,7 +88,7 @@ def _train_set(name: str, folder: Path):
 def test_the_batch_built_by_hand_is_the_one_collate_makes(name, florence, tmp_path):
     """The notebooks show the -100 padding of the labels as plain code, not inside collate."""
     from florence_helpers import load_image
-    from florence_helpers.finetune import collate
+    from florence_helpers.training import collate
 
     source = _code(name, "batch = dict(")
     assert '.masked_fill(answers["attention_mask"] == 0, -100)' in source

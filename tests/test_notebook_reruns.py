@@ -83,8 +83,9 @@ UNRUN = {
 _SOLUTION = re.compile(r"<summary>Solution</summary>.*?```python\n(.*?)```", re.S)
 _EXERCISE = re.compile(r"^(\d+)\. ", re.M)
 # Measured afresh on every run: "3.2 s", "41 ms", "1.5 images/s", "12.0 it/s", tqdm bars.
+# Leading spaces go with the figure: a table right-aligns 9.8 s and 10.2 s differently.
 _MEASURED = re.compile(
-    r"\d+(?:\.\d+)?(?:e-?\d+)?\s*(?:s|ms|µs|min|it/s|s/it|(?:images?|tokens?|requests?)/s|x)\b"
+    r" *\d+(?:\.\d+)?(?:e-?\d+)?\s*(?:s|ms|µs|min|it/s|s/it|(?:images?|tokens?|requests?)/s|x)\b"
     r"|\d{2}:\d{2}(?::\d{2})?"
     r"|\d+ generate calls"  # how requests arriving together were batched: timing decides
     r"|127\.0\.0\.1:\d+"  # a free port, picked afresh

@@ -16,8 +16,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from florence_helpers.serve import API_KEY_ENV_VAR, ServeSettings
-from florence_helpers.serve_cli import _parser
+from florence_helpers.cli.serving import _parser
+from florence_helpers.serve.settings import API_KEY_ENV_VAR, ServeSettings
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "09_serving.ipynb"

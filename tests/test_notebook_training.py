@@ -17,7 +17,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # After the notebooks' training step written by hand: the loss it printed is the helper's.
 STEP_IS_THE_HELPERS = {
     "loss_after = model.eval()": (
-        "from florence_helpers.finetune import validation_loss\n"
+        "from florence_helpers.training import validation_loss\n"
         "assert abs(validation_loss(lora.model, [batch]) - loss_before) < 1e-4, loss_before"
     )
 }
@@ -77,7 +77,7 @@ def test_the_exercises_of_the_coco_notebook_start_from_it_in_the_same_folder(tmp
     """Each exercise of 06 as a learner does it, one after the other in one folder (the first
     twice, with the same results): before training started afresh by default, the second of
     these stopped at the old checkpoint."""
-    from florence_helpers.sample_data import make_shapes_dataset
+    from florence_helpers.training.sample_data import make_shapes_dataset
 
     memorise = {"dataset.split(": "train_set = val_set = dataset"}
     report = (

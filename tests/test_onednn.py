@@ -9,8 +9,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from florence_helpers import Task, run
-from florence_helpers import model as model_module
-from florence_helpers.model import use_onednn_linears, use_plain_linears
+from florence_helpers.model import kernels as model_module
+from florence_helpers.model.kernels import use_onednn_linears, use_plain_linears
 from florence_helpers.testing import ForcedAnswer, answer_token_ids
 
 pytestmark = pytest.mark.skipif(
@@ -193,7 +193,7 @@ def test_a_changed_weight_is_packed_again(pair, photo, change):
 
 
 def test_a_merged_lora_adapter_is_what_runs(load_tiny, photo):
-    from florence_helpers.adapters import add_lora, merge_adapter
+    from florence_helpers.model.adapters import add_lora, merge_adapter
 
     florence = load_tiny(device="cpu")
     use_onednn_linears(florence.model)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from florence_helpers import outputs
-from florence_helpers.outputs import (
+from florence_helpers.boundary import outputs
+from florence_helpers.boundary.outputs import (
     Appender,
     OutputError,
     check_folder_output,
@@ -106,7 +106,7 @@ def test_an_interrupted_append_is_cut_back_to_the_last_whole_write(tmp_path, mon
 
 FULL_DISK = """
 import resource, signal, sys
-from florence_helpers.outputs import Appender
+from florence_helpers.boundary.outputs import Appender
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (30, 30))
 try:

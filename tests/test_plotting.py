@@ -153,7 +153,7 @@ def test_label_tags_contrast_with_their_background(background):
 
 
 def test_both_drawing_paths_render_the_same_drawables(grey, monkeypatch):
-    import florence_helpers.plotting as plotting
+    import florence_helpers.drawing.plotting as plotting
 
     triangle = np.array([[20, 20], [80, 20], [20, 80]], np.float32)
     mask = PolygonsResult(

@@ -8,12 +8,19 @@ import pytest
 from PIL import Image
 
 from florence_helpers import custom_task
-from florence_helpers.adapters import add_lora
-from florence_helpers.evaluation import anls, character_error_rate, evaluate_samples, exact_match
-from florence_helpers.finetune import TrainingConfig, train
-from florence_helpers.sample_data import make_receipts
+from florence_helpers.model.adapters import add_lora
 from florence_helpers.testing import force_answers
-from florence_helpers.training_data import DOCVQA, AnnotationError, read_qa
+from florence_helpers.training.config import TrainingConfig
+from florence_helpers.training.evaluation import (
+    anls,
+    character_error_rate,
+    evaluate_samples,
+    exact_match,
+)
+from florence_helpers.training.finetune import train
+from florence_helpers.training.qa import DOCVQA, read_qa
+from florence_helpers.training.sample_data import make_receipts
+from florence_helpers.training.samples import AnnotationError
 
 # Settings under which the tiny model learns the 12 questions of 4 generated receipts by heart:
 # measured on this project's 2-core machine, every data/adapter seed 0-4 at 1 and 2 torch

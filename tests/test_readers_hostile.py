@@ -26,14 +26,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from florence_helpers import Task
-from florence_helpers.training_data import (
-    DOCVQA,
-    AnnotationError,
-    TrainingSet,
-    read_coco,
-    read_grounding_jsonl,
-    read_qa,
-)
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.grounding import read_grounding_jsonl
+from florence_helpers.training.qa import DOCVQA, read_qa
+from florence_helpers.training.samples import AnnotationError, TrainingSet
 
 FUZZ = settings(
     max_examples=100,

@@ -226,7 +226,7 @@ def test_tiny_noise_ends_early_but_forced_answers_run_in_full(florence, photo, n
 def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
     florence, photo, monkeypatch
 ):
-    import florence_helpers.decoding as decoding
+    import florence_helpers.model.decoding as decoding
 
     grouped_calls = []
     real = decoding._shared_kv_attention
@@ -264,7 +264,7 @@ def test_beams_read_shared_cross_attention_keys_once_with_the_same_result(
 
 
 def test_fast_beams_can_be_switched_off_with_the_same_answers(florence, photo, monkeypatch):
-    import florence_helpers.decoding as decoding
+    import florence_helpers.model.decoding as decoding
 
     fast = run(florence, photo, "OD", num_beams=3, max_new_tokens=30, scores=True)
     monkeypatch.setattr(decoding, "beam_cache", lambda: pytest.fail("fast path used"))

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import florence_helpers.decoding as decoding
+import florence_helpers.model.decoding as decoding
 from florence_helpers import BoxesResult, RegionError, TaskInputError, TextResult, run
-from florence_helpers.inference import run_tasks
+from florence_helpers.model.inference import run_tasks
 from florence_helpers.testing import force_answers
 
 REQUESTS = [

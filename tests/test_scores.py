@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from florence_helpers import run
-from florence_helpers.scores import decode_with_offsets, filter_by_score, sort_by_score, top_k
+from florence_helpers.model.scores import decode_with_offsets, filter_by_score, sort_by_score, top_k
 from florence_helpers.testing import force_answers
 
 

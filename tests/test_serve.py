@@ -18,8 +18,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from florence_helpers import batching, run
-from florence_helpers.serve import ServeSettings, running_server
+from florence_helpers import run
+from florence_helpers.serve import batching
+from florence_helpers.serve.app import running_server
+from florence_helpers.serve.settings import ServeSettings
 from florence_helpers.testing import force_answers
 
 pytest.importorskip("fastapi")

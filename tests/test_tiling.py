@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from florence_helpers import OCRResult, TaskInputError, TextResult, run, tiled_ocr, to_lines
-from florence_helpers.regions import quantize
+from florence_helpers.language.regions import quantize
+from florence_helpers.model.tiling import merge_tiles, page_tiles, tile_side
 from florence_helpers.testing import force_answers
-from florence_helpers.tiling import merge_tiles, page_tiles, tile_side
 
 PAGE = (640, 400)  # the tiny model's input is 128 pixels: tiles of 192 by default
 WORDS = ["alpha", "bravo", "delta", "gamma", "kilo", "lima", "mike", "oscar", "papa", "romeo"]

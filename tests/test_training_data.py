@@ -10,12 +10,10 @@ import pytest
 from PIL import Image
 
 from florence_helpers import Task, dequantize, parse_answer, quantize
-from florence_helpers.sample_data import SHAPES, make_shapes_dataset
-from florence_helpers.training_data import (
-    AnnotationError,
-    read_coco,
-    read_grounding_jsonl,
-)
+from florence_helpers.training.coco import read_coco
+from florence_helpers.training.grounding import read_grounding_jsonl
+from florence_helpers.training.sample_data import SHAPES, make_shapes_dataset
+from florence_helpers.training.samples import AnnotationError
 
 
 @pytest.fixture(scope="module")

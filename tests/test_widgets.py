@@ -13,8 +13,9 @@ from PIL import Image  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402
 
 from florence_helpers import BoxesResult, Task, TextResult  # noqa: E402
+from florence_helpers.drawing.summaries import summarize
 from florence_helpers.testing import force_answers  # noqa: E402
-from florence_helpers.widgets import Explorer, explore, summarize  # noqa: E402
+from florence_helpers.widgets import Explorer, explore  # noqa: E402
 
 
 @pytest.fixture

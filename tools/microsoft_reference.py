@@ -1,6 +1,6 @@
 """Record what Microsoft's own Florence-2 code does, as test data for the converter.
 
-``florence_helpers.convert`` turns checkpoints written by Microsoft's remote code into the
+``florence_helpers.model.convert`` turns checkpoints written by Microsoft's remote code into the
 native transformers format. Checking it against a remote-code layout that our own tests build
 would share our mistakes, so this script runs Microsoft's files (``modeling_florence2.py``,
 ``configuration_florence2.py``, ``processing_florence2.py`` and the hub's ``config.json``,

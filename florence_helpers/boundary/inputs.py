@@ -1,0 +1,229 @@
+"""The one way in: the limits and checks every outside input passes before it is used.
+
+Paths, URLs, uploaded bytes, settings and request fields all come from someone else. This
+module decides, in one place, what may come in:
+
+- :class:`InputLimits`: the largest download or upload (bytes), the largest image (pixels,
+  read from the file's header before anything is decoded), one deadline for a whole download,
+  which hosts a URL may reach (see :mod:`florence_helpers.boundary.fetching`) and which folders
+  a local path may name.
+- :func:`check_local_path`: a local path resolved (symbolic links followed) and, when
+  :attr:`InputLimits.allowed_folders` is set, refused outside those folders.
+- :func:`check_number` and :func:`check_text`: settings checked for type and range (NaN and
+  infinity included) with a message that names the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_MB = 50.0
+"""The largest download accepted by default, in megabytes."""
+
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""The largest image decoded by default, in pixels (Pillow's own warning limit, about 9459
+pixels square). Florence-2 sees every image at 768x768, so a smaller copy loses nothing."""
+
+
+DEFAULT_TIMEOUT_S = 60.0
+"""How long a whole download may take by default, in seconds."""
+
+
+MAX_REDIRECTS = 5
+
+
+class InputError(ValueError):
+    """An outside input refused by the limits: the message says which and why."""
+
+
+class SettingError(ValueError):
+    """A setting of the wrong type or outside its range; the message names the setting."""
+
+
+class TooLargeError(InputError):
+    """A download or upload past its size cap."""
+
+
+class ForbiddenAddressError(InputError):
+    """A URL whose host is an address the limits do not allow (loopback, private, ...)."""
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    integer: bool = False,
+    above: bool = False,
+) -> float | int:
+    """``value`` as a number of the right kind and range, or a :class:`SettingError`.
+
+    Args:
+        value: What was given. Booleans, strings, NaN and infinities are refused.
+        name: The setting's name, for the message.
+        minimum: The smallest value allowed (or, with ``above``, the value it must exceed).
+        maximum: The largest value allowed.
+        integer: Require a whole number (an ``int``, or a float such as ``3.0``).
+        above: ``minimum`` itself is not allowed.
+
+    Example:
+        >>> check_number(3, "num_beams", minimum=1, maximum=8, integer=True)
+        3
+        >>> check_number(float("nan"), "timeout", minimum=0, above=True)
+        Traceback (most recent call last):
+        ...
+        florence_helpers.boundary.inputs.SettingError: timeout must be a finite number, got nan.
+    """
+    kind = "a whole number" if integer else "a number"
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        and not _is_numpy_number(value)
+    ):
+        raise SettingError(f"{name} must be {kind}, got {type(value).__name__} {value!r}.")
+    if not math.isfinite(float(value)):
+        raise SettingError(f"{name} must be a finite number, got {value!r}.")
+    if integer:
+        if float(value) != int(value):
+            raise SettingError(f"{name} must be a whole number, got {value!r}.")
+        value = int(value)
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        bound = f"more than {minimum:g}" if above else f"at least {minimum:g}"
+        raise SettingError(f"{name} must be {bound}, got {value!r}.")
+    if maximum is not None and value > maximum:
+        raise SettingError(f"{name} must be at most {maximum:g}, got {value!r}.")
+    return value
+
+
+def _is_numpy_number(value: Any) -> bool:
+    kind = type(value)
+    return kind.__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iuf"
+
+
+def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | None:
+    """``value`` as a string (None and "" stay None), or a :class:`SettingError`.
+
+    Numbers, lists and bytes are refused rather than turned into text: ``5`` is not the
+    phrase "5", and ``b"cat"`` would be written as ``"b'cat'"``.
+    """
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise SettingError(f"{name} must be text, got {type(value).__name__} {value!r:.60}.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SettingError(f"{name} is not valid Unicode text.") from None
+    if max_chars is not None and len(value) > max_chars:
+        raise SettingError(f"{name} is {len(value):,} characters long; at most {max_chars:,}.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLimits:
+    """What an outside image may cost, and where it may come from.
+
+    Attributes:
+        max_mb: The largest download (or upload), in megabytes.
+        max_pixels: The largest image decoded, in pixels (width times height), checked from
+            the file's header before decoding. ``None`` leaves only Pillow's own guard.
+        timeout: The longest a whole download may take, in seconds: name lookup,
+            connecting, headers, every redirect and the body together.
+        allowed_hosts: Host names (``"images.local"``) or addresses and networks
+            (``"127.0.0.1"``, ``"10.0.0.0/8"``) a URL may reach although they are loopback,
+            private, link-local or otherwise not public. Empty by default: only public
+            addresses are contacted.
+        allowed_folders: Folders local paths must lie in (after following symbolic links);
+            ``None`` (the default) allows any path, an empty tuple none at all.
+        max_redirects: Redirects followed, at most.
+
+    Example:
+        >>> InputLimits(max_mb=10, allowed_hosts=("127.0.0.1",)).max_mb
+        10
+    """
+
+    max_mb: float = DEFAULT_MAX_MB
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    timeout: float = DEFAULT_TIMEOUT_S
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_folders: tuple[str | os.PathLike, ...] | None = None
+    max_redirects: int = MAX_REDIRECTS
+
+    def __post_init__(self) -> None:
+        check_number(self.max_mb, "max_mb", minimum=0, above=True)
+        if self.max_pixels is not None:
+            check_number(self.max_pixels, "max_pixels", minimum=1, integer=True)
+        check_number(self.timeout, "timeout", minimum=0, above=True)
+        check_number(self.max_redirects, "max_redirects", minimum=0, maximum=20, integer=True)
+        if isinstance(self.allowed_hosts, str):
+            raise SettingError("allowed_hosts must be a list of host names or networks.")
+        for host in self.allowed_hosts:
+            if not isinstance(host, str) or not host.strip():
+                raise SettingError(f"allowed_hosts holds {host!r}: give host names or networks.")
+        folders = self.allowed_folders
+        if folders is not None and (isinstance(folders, str | os.PathLike)):
+            raise SettingError("allowed_folders must be a list of folders.")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_mb * 1e6)
+
+    def with_overrides(self, **changes: Any) -> InputLimits:
+        """A copy with the given fields changed (``None`` values are left as they are)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def is_url(source: str) -> bool:
+    """Whether ``source`` is fetched (``http://`` or ``https://``), not a local path.
+
+    The one definition every caller uses: ``pics://cat.png`` is the local file ``pics:/cat.png``
+    (as the operating system reads it), and ``file://`` URLs name local files.
+    """
+    return source[:8].lower().startswith(("http://", "https://"))
+
+
+def local_path(source: str) -> str:
+    """The local path a source names: a ``file://`` URL's path, or the text itself."""
+    if source[:7].lower() == "file://":
+        return urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+    return source
+
+
+def check_local_path(path: str | os.PathLike, limits: InputLimits | None = None) -> Path:
+    """``path`` with ``~`` expanded; refused outside :attr:`InputLimits.allowed_folders`.
+
+    The check follows symbolic links (a link inside an allowed folder pointing outside it is
+    refused) and ``..``.
+
+    Raises:
+        InputError: The path lies outside every allowed folder.
+    """
+    expanded = Path(os.fspath(path)).expanduser()
+    folders = (limits or InputLimits()).allowed_folders
+    if folders is None:
+        return expanded
+    real = os.path.realpath(expanded)
+    for folder in folders:
+        root = os.path.realpath(Path(os.fspath(folder)).expanduser())
+        try:
+            if os.path.commonpath([real, root]) == root:
+                return expanded
+        except ValueError:  # another drive on Windows
+            continue
+    if not folders:
+        raise InputError(
+            f"Did not read {path}: this server reads no local files (start it with "
+            "--allow-folder DIR to allow a folder)."
+        )
+    raise InputError(
+        f"Did not read {path}: it is outside the folders this server may read "
+        f"({', '.join(str(f) for f in folders)})."
+    )

@@ -1,0 +1,253 @@
+"""The one way out: every file the package writes goes through here.
+
+- :func:`check_outputs`: before any work starts (before the model loads), refuse an output
+  that resolves to one of the command's inputs, or to another of its outputs. Paths are
+  compared after following symbolic links, and by device and inode where both exist, so
+  ``cat.jpg``, ``./cat.jpg``, a link to it and a hard link are one file.
+- :func:`write_atomically`: a whole file is written to a temporary file beside it and renamed
+  over it only once complete: a crash or a full disk leaves the old file as it was. An
+  existing file keeps its permissions and (where allowed) its owner; a symbolic link stays a
+  link, and the file it points to is the one replaced.
+- :class:`Appender`: whole lines appended in place (label files); a write that fails part-way
+  (a full disk, Ctrl-C) is cut back, so the file never ends in a torn line.
+
+It imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+PathLike = str | os.PathLike
+
+
+class OutputError(ValueError):
+    """An output refused before anything is written: it would overwrite an input, or
+    another output of the same command, or it cannot be a file."""
+
+
+def resolved(path: PathLike) -> str:
+    """``path`` as an absolute path with ``~`` expanded and symbolic links followed."""
+    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+
+
+def same_file(first: PathLike, second: PathLike) -> bool:
+    """Whether two paths name one file: the same resolved path, or (both existing) the same
+    device and inode, as a hard link does."""
+    if resolved(first) == resolved(second):
+        return True
+    try:
+        return os.path.samefile(os.path.expanduser(first), os.path.expanduser(second))
+    except OSError:
+        return False
+
+
+def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike] = ()) -> None:
+    """Refuse outputs that would overwrite an input or each other, before anything runs.
+
+    Args:
+        outputs: Each output's name (as the user knows it: ``"--out"``) and its path; None
+            for an output not asked for.
+        inputs: The files (or folders) the command reads.
+
+    Raises:
+        OutputError: Naming the output and the input (or other output) it resolves to.
+
+    Example:
+        >>> check_outputs({"--out": "cat.jpg"}, inputs=["./cat.jpg"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        florence_helpers.boundary.outputs.OutputError: --out cat.jpg is the input ./cat.jpg: ...
+    """
+    given = [(name, path) for name, path in outputs.items() if path is not None]
+    sources: dict[Any, PathLike] = {}
+    for source in inputs:
+        sources[resolved(source)] = source
+        identity = _identity(source)
+        if identity is not None:
+            sources[identity] = source
+    for index, (name, path) in enumerate(given):
+        hit = sources.get(resolved(path))
+        identity = _identity(path)
+        if hit is None and identity is not None:
+            hit = sources.get(identity)
+        if hit is not None:
+            raise OutputError(
+                f"{name} {os.fspath(path)} is the input {os.fspath(hit)}: writing it would "
+                "overwrite the input. Choose another file name."
+            )
+        for other_name, other in given[:index]:
+            if same_file(path, other):
+                raise OutputError(
+                    f"{name} and {other_name} are the same file ({os.fspath(path)}): one would "
+                    "overwrite the other. Give each its own file name."
+                )
+        if Path(os.path.expanduser(os.fspath(path))).is_dir():
+            raise OutputError(f"{name} {os.fspath(path)} is a folder: give a file name.")
+        _check_writable(name, path)
+
+
+def _check_writable(name: str, path: PathLike) -> None:
+    """Refuse, before any work, an output whose folder cannot be made or written: a path under
+    a file, a read-only file system, a folder without write permission."""
+    target = Path(os.path.expanduser(os.fspath(path)))
+    folder = target.parent
+    while not folder.exists():
+        if folder == folder.parent:
+            break
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{name} {os.fspath(path)}: {folder} is a file, not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"{name} {os.fspath(path)}: the folder {folder} cannot be written (read-only or "
+            "no permission)."
+        )
+    if target.exists() and not os.access(target, os.W_OK):
+        raise OutputError(f"{name} {os.fspath(path)} cannot be written (read-only).")
+
+
+def _identity(path: PathLike) -> tuple[int, int] | None:
+    """The device and inode of an existing file (hard links share them), else None."""
+    try:
+        info = os.stat(os.path.expanduser(os.fspath(path)))
+    except (OSError, ValueError):
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_folder_output(target: PathLike, inputs: Iterable[PathLike], name: str = "NEW") -> None:
+    """Refuse an output folder that is an input, or holds one (replacing it would delete it).
+
+    Raises:
+        OutputError: Naming the input in the way.
+    """
+    folder = resolved(target)
+    for source in inputs:
+        real = resolved(source)
+        if real == folder or os.path.commonpath([real, folder]) == folder:
+            raise OutputError(
+                f"{name} {os.fspath(target)} is or holds the input {os.fspath(source)}: "
+                "writing it would destroy the input. Choose another folder."
+            )
+
+
+def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write a whole file so that it is either entirely the new one or still the old one.
+
+    Args:
+        path: The file to write. A symbolic link stays a link: the file it points to is
+            replaced. An existing file keeps its permission bits and, where the process may
+            set it, its owner and group; a new file gets the usual permissions (0666 less the
+            umask).
+        content: The bytes, or a function that writes them to an open binary file.
+
+    Returns:
+        The path written (the link's target for a link).
+
+    Raises:
+        OSError: Writing failed (no space, no permission); the old file is untouched and no
+            temporary file is left behind.
+    """
+    target = Path(resolved(path))
+    folder = target.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        before: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        before = None
+    if before is not None and not stat.S_ISREG(before.st_mode):
+        raise OutputError(f"{os.fspath(path)} is not a regular file: give a file name.")
+    temporary = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    # O_EXCL: never write through a file someone else placed there; 0o666: the umask applies.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            if isinstance(content, bytes | bytearray | memoryview):
+                handle.write(content)
+            else:
+                content(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+            if before is not None:
+                os.fchmod(handle.fileno(), stat.S_IMODE(before.st_mode))
+                with contextlib.suppress(OSError):  # only root may give a file away
+                    os.fchown(handle.fileno(), before.st_uid, before.st_gid)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    _sync_folder(folder)
+    return target
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename durable (POSIX); where folders cannot be opened, nothing to do."""
+    with contextlib.suppress(OSError, AttributeError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+class Appender:
+    """Appends whole chunks to a file in place; a failed or interrupted write is cut back.
+
+    The file is opened unbuffered, so what :meth:`write` returned from is on disk (it is
+    fsynced) and what it did not finish is removed: after a full disk or Ctrl-C the file ends
+    where the last successful write ended. The file keeps its mode, owner and links, since
+    it is never replaced.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> path = pathlib.Path(tempfile.mkdtemp()) / "labels.jsonl"
+        >>> with Appender.open(path) as out:
+        ...     out.write(b'{"a": 1}\\n')
+        >>> path.read_text()
+        '{"a": 1}\\n'
+    """
+
+    def __init__(self, handle: IO[bytes], path: Path) -> None:
+        self.handle, self.path = handle, path
+        self.chunks = 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def open(cls, path: PathLike, *, keep: int | None = None) -> Any:
+        """Open ``path`` for appending (creating it); ``keep`` cuts it to that many bytes
+        first (the torn last line of an interrupted run)."""
+        target = Path(os.fspath(path))
+        handle = open(target, "r+b" if target.exists() else "w+b", buffering=0)  # noqa: SIM115
+        try:
+            if keep is not None and keep != os.fstat(handle.fileno()).st_size:
+                os.ftruncate(handle.fileno(), keep)
+            yield cls(handle, target)
+        finally:
+            handle.close()
+
+    def write(self, data: bytes) -> None:
+        """Append ``data`` whole and flush it to disk, or leave the file as it was."""
+        descriptor = self.handle.fileno()
+        position = os.lseek(descriptor, 0, os.SEEK_END)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(descriptor, view)
+                view = view[written:]
+            os.fsync(descriptor)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                os.ftruncate(descriptor, position)
+            if isinstance(error, OSError):
+                # What was written before is intact: the message says what failed, and where.
+                raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
+            raise
+        self.chunks += 1

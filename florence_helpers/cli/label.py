@@ -1,0 +1,119 @@
+"""``python -m florence_helpers label FOLDER --out labels.jsonl``: label a folder, resumably,
+with every output checked before the model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..boundary.images import ImageLoadError
+from ..boundary.outputs import check_outputs
+from ..language.prompts import build_prompt
+from .common import (
+    EXIT_BAD_INPUT,
+    _add_classes,
+    _add_generation_options,
+    _add_model_options,
+    _checked_device,
+    _load,
+    _Refused,
+    _task_and_classes,
+)
+
+
+def _label_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m florence_helpers label",
+        description="Label every image of a folder into a JSON-lines file. Run it again with "
+        "the same --out to resume after an interruption: done images are skipped.",
+    )
+    parser.add_argument("folder", help="folder of images (searched recursively)")
+    parser.add_argument(
+        "--task", help="task name, e.g. OD or DETAILED_CAPTION (needed unless --classes)"
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="label file (JSON lines); the same job resumes in it, another job is refused",
+    )
+    parser.add_argument(
+        "--add", action="store_true", help="add this job to a label file holding another job"
+    )
+    parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="label again the images of FOLDER whose record is an error (replacing those "
+        "records, and only those)",
+    )
+    parser.add_argument("--text", help="text for the tasks that take text")
+    parser.add_argument("--region", nargs=4, type=float, metavar=("X1", "Y1", "X2", "Y2"))
+    _add_classes(parser)
+    _add_model_options(parser)
+    parser.add_argument("--batch-size", type=int, default=8)
+    _add_generation_options(parser)
+    parser.add_argument("--coco", help="also write the boxes as a COCO JSON file here")
+    return parser
+
+
+def label_main(argv: Sequence[str]) -> int:
+    args = _label_parser().parse_args(argv)
+    from ..labelling import LabelFileError, check_label_file, export_coco, job_settings
+    from ..labelling.jobs import find_images, label
+    from ..model.inference import check_generation_settings
+    from ..model.loading import resolve_model_id
+
+    settings = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "scores": args.scores,
+    }
+    spec = _task_and_classes(args, default=None)
+    if not Path(args.folder).is_dir():
+        raise ImageLoadError(f"Not a folder: {args.folder}")
+    if args.classes is None:
+        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
+    check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
+    images = find_images(args.folder)
+    check_outputs({"--out": args.out, "--coco": args.coco}, images)
+    dtype = _checked_device(args)
+    # The output file is checked before the model loads: a wrong --out fails in a second.
+    job = job_settings(
+        resolve_model_id(args.model),
+        spec,
+        text=args.text,
+        region=args.region,
+        classes=args.classes,
+        dtype=dtype,
+        **settings,
+    )
+    try:
+        check_label_file(args.out, job, add=args.add)
+    except LabelFileError as error:
+        raise _Refused(str(error), EXIT_BAD_INPUT) from None
+    florence = _load(args)
+    summary = label(
+        florence,
+        images,
+        spec,
+        args.out,
+        text=args.text,
+        region=args.region,
+        classes=args.classes,
+        batch_size=args.batch_size,
+        add=args.add,
+        retry_errors=args.retry_errors,
+        **settings,
+    )
+    retried = f", {summary.retried} of them retried errors" if summary.retried else ""
+    print(
+        f"wrote {summary.written} records ({summary.errors} errors{retried}) to "
+        f"{summary.output}; {summary.skipped} images were already there",
+        file=sys.stderr,
+    )
+    if args.coco:
+        dataset = export_coco(summary.output, args.coco)
+        print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
+    return 0

@@ -1,0 +1,147 @@
+"""``python -m florence_helpers IMAGE --task ...``: one task on one image, printed as JSON,
+optionally drawn into ``--out`` (never over the input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..boundary.images import load_image
+from ..boundary.inputs import InputLimits, is_url, local_path
+from ..boundary.outputs import OutputError, check_outputs, write_atomically
+from ..language.prompts import build_prompt
+from ..language.tasks import TASKS, TaskSpec
+from ..model.loading import (
+    FlorenceModel,
+)
+from .common import (
+    _add_classes,
+    _add_generation_options,
+    _add_model_options,
+    _checked_device,
+    _load,
+    _task_and_classes,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    tasks = "\n".join(f"  {spec.name:<34} {spec.description}" for spec in TASKS.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m florence_helpers",
+        description="Run a Florence-2 task on an image and print the parsed result as JSON.",
+        epilog=f"tasks:\n{tasks}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image", help="image path or http(s) URL")
+    parser.add_argument(
+        "--task",
+        help="task name, e.g. OD or '<OD>' (default: CAPTION; with --classes: "
+        "OPEN_VOCABULARY_DETECTION)",
+    )
+    parser.add_argument("--text", help="text for grounding, open-vocabulary detection, etc.")
+    _add_classes(parser)
+    parser.add_argument(
+        "--region",
+        nargs=4,
+        type=float,
+        metavar=("X1", "Y1", "X2", "Y2"),
+        help="pixel box for the REGION_TO_* tasks",
+    )
+    _add_model_options(parser)
+    _add_generation_options(parser)
+    parser.add_argument("--out", help="write the image with the result drawn on it here")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one compact JSON line, raw model output included (for scripts)",
+    )
+    parser.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="let an image URL reach this host or network although it is not public "
+        "(e.g. 127.0.0.1 or 10.0.0.0/8); repeatable",
+    )
+    return parser
+
+
+def _readable_json(payload: dict) -> str:
+    """Indented JSON with each innermost list of numbers (a box, a point) on one line."""
+    text = json.dumps(payload, ensure_ascii=False, indent=2)
+    return re.sub(r"\[\s+([-\d.,eE\s]+?)\s+\]", lambda m: f"[{' '.join(m.group(1).split())}]", text)
+
+
+def _check_image_output(path: str | None) -> None:
+    """Refuse an --out whose extension names no image format, before any work."""
+    from PIL import Image
+
+    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
+        raise OutputError(
+            f"--out {path}: the file name must end in an image format's extension "
+            "(.png, .jpg, .webp, ...)."
+        )
+
+
+def run_main(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    # Everything that can be checked without the model is checked first.
+    spec = _task_and_classes(args, default="CAPTION")
+    check_outputs({"--out": args.out}, [] if is_url(args.image) else [local_path(args.image)])
+    _check_image_output(args.out)
+    image = load_image(args.image, limits=InputLimits(allowed_hosts=tuple(args.allow_host)))
+    if args.classes is None:
+        build_prompt(spec, image.size, text=args.text, region=args.region)
+    from ..model.inference import check_generation_settings
+
+    check_generation_settings(args.num_beams, args.max_new_tokens)
+    _checked_device(args)
+    florence = _load(args)
+    result = _answer(florence, image, spec, args)
+    payload = result.to_dict()
+    if args.json:
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        payload.pop("raw")
+        print(_readable_json(payload))
+    if result.truncated:
+        print(
+            f"warning: the answer hit --max-new-tokens={args.max_new_tokens} and was cut off; "
+            "only what parsed cleanly is shown.",
+            file=sys.stderr,
+        )
+    if args.out:
+        _write_annotated(image, result, args.out)
+    return 0
+
+
+def _answer(florence: FlorenceModel, image: object, spec: TaskSpec, args: argparse.Namespace):
+    from ..model.detection import detect
+    from ..model.inference import run
+
+    settings = {
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "scores": args.scores,
+    }
+    if args.classes is not None:
+        return detect(florence, image, args.classes, **settings)
+    return run(florence, image, spec, text=args.text, region=args.region, **settings)
+
+
+def _write_annotated(image: object, result: object, path: str) -> None:
+    from PIL import Image
+
+    from ..drawing.plotting import annotate
+
+    picture = annotate(image, result)
+    kind = Image.registered_extensions()[Path(path).suffix.lower()]
+    if kind == "JPEG":
+        picture = picture.convert("RGB")
+    write_atomically(path, lambda handle: picture.save(handle, format=kind))
+    print(f"wrote {path}", file=sys.stderr)
