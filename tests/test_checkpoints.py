@@ -849,6 +849,19 @@ def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_p
     assert _left_in(new) == ["keep.txt"]
 
 
+def test_an_overwrite_through_a_link_keeps_the_link_and_the_folder_s_mode(remote, tmp_path):
+    disk = tmp_path / "big-disk" / "model"
+    disk.mkdir(parents=True)
+    (disk / "stale.txt").write_text("from before")
+    disk.chmod(0o700)
+    link = tmp_path / "current"
+    link.symlink_to(disk)
+    convert(remote, link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == disk
+    assert checkpoint_layout(disk) == "native" and not (disk / "stale.txt").exists()
+    assert disk.stat().st_mode & 0o777 == 0o700
+
+
 def test_an_overwrite_replaces_the_old_new_whole(remote, tmp_path):
     new = tmp_path / "new"
     new.mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from florence_helpers import ImageLoadError, TaskInputError, cli
-from florence_helpers.boundary.outputs import OutputError
+from florence_helpers.boundary.outputs import OutputError, write_atomically
 from florence_helpers.labelling import (
     LabelFileError,
     check_label_file,
@@ -63,7 +63,7 @@ def test_out_that_is_the_input_photo_is_refused_before_the_model_loads(
         assert code == 2 and "would overwrite the input" in err, err
     assert (photos / "cat.jpg").read_bytes() == before
     code, err = main(capsys, "cat.jpg", "--out", "cat.result")
-    assert code == 2 and "image format's extension" in err
+    assert code == 2 and "extension of an image format" in err
 
 
 def test_label_out_and_coco_may_not_be_one_file_or_an_image(photos, no_model, capsys, tmp_path):
@@ -370,3 +370,71 @@ def test_outputs_that_cannot_be_written_are_refused_before_the_model_loads(
         blocker / "coco.json",
     )
     assert code == 2 and "is a file, not a folder" in err, err
+
+
+# --- Second hostile pass: outputs that name what the command reads, or what it must not replace
+
+
+@pytest.mark.parametrize("extension", [".psd", ".xbm", ".h5", ".result"])
+def test_an_out_pillow_cannot_write_in_colour_is_refused_before_the_model_loads(
+    photos, no_model, capsys, tmp_path, extension
+):
+    code, err = main(capsys, photos / "cat.jpg", "--out", tmp_path / f"out{extension}")
+    assert code == 2 and "extension of an image format that can be written" in err, err
+
+
+def test_no_output_goes_inside_the_model_folder(photos, capsys, tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = (model / "config.json").read_bytes()
+    labelling = ["label", photos, "--task", "OD", "--out"]
+    for args in (
+        [*labelling, tmp_path / "l.jsonl", "--coco", model / "config.json"],
+        [*labelling, model / "labels.jsonl"],
+        [photos / "cat.jpg", "--out", model / "x.png"],
+    ):
+        code, err = main(capsys, *args, "--model", model)
+        assert code == 2 and f"is inside {model}" in err, err
+    assert (model / "config.json").read_bytes() == config
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        p.name for p in tiny_model_dir.iterdir()
+    )
+
+
+def test_a_coco_export_replaces_only_a_coco_file(florence, photos, tmp_path, no_model, capsys):
+    labels = tmp_path / "labels.jsonl"
+    label(florence, photos, "OD", labels, **FAST)
+    yesterday = tmp_path / "yesterday.jsonl"
+    shutil.copy(labels, yesterday)
+    before = yesterday.read_bytes()
+    with pytest.raises(OutputError, match="is not a COCO JSON file"):
+        export_coco(labels, yesterday)
+    code, err = main(capsys, "label", photos, "--task", "OD", "--out", labels, "--coco", yesterday)
+    assert code == 2 and "is not a COCO JSON file" in err, err
+    assert yesterday.read_bytes() == before
+    coco = tmp_path / "labels.coco.json"
+    export_coco(labels, coco)
+    export_coco(labels, coco)  # a COCO file is replaced: running the export again works
+    assert json.loads(coco.read_text())["images"]
+
+
+def test_an_out_that_is_not_an_image_is_not_replaced(photos, no_model, capsys, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("my notes, named .png by mistake")
+    code, err = main(capsys, photos / "cat.jpg", "--out", notes)
+    assert code == 2 and "is not an image" in err, err
+    assert notes.read_text() == "my notes, named .png by mistake"
+
+
+def test_a_file_with_another_hard_link_is_never_replaced_whole(florence, photos, tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    label(florence, photos, "OD", labels, **FAST)
+    coco = tmp_path / "labels.coco.json"
+    export_coco(labels, coco)
+    os.link(coco, tmp_path / "backup.coco.json")
+    before = coco.read_bytes()
+    with pytest.raises(OutputError, match="other hard link"):
+        export_coco(labels, coco)
+    with pytest.raises(OutputError, match="other hard link"):
+        write_atomically(tmp_path / "backup.coco.json", b"{}")
+    assert coco.read_bytes() == before == (tmp_path / "backup.coco.json").read_bytes()

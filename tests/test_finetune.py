@@ -211,6 +211,34 @@ def test_a_checkpoint_from_another_model_is_refused(load_tiny, shapes, tmp_path)
         train(lora, shapes, config, progress=False)
 
 
+def test_a_checkpoint_file_keeps_its_link_and_mode_and_a_foreign_one_is_never_replaced(
+    load_tiny, shapes, tmp_path
+):
+    config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path / "run")
+    elsewhere = tmp_path / "big-disk" / "checkpoint.pt"
+    elsewhere.parent.mkdir()
+    train(
+        load_tiny(),
+        shapes,
+        dataclasses.replace(config, checkpoint_dir=elsewhere.parent),
+        progress=False,
+    )
+    elsewhere.chmod(0o600)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").symlink_to(elsewhere)
+    train(load_tiny(), shapes, config, resume=False, progress=False)
+    assert (tmp_path / "run" / "checkpoint.pt").is_symlink()
+    assert elsewhere.stat().st_mode & 0o777 == 0o600
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "checkpoint.pt").write_bytes(b"someone else's file")
+    for resume in (True, False):
+        with pytest.raises(ValueError, match="not a training checkpoint this package wrote"):
+            train(load_tiny(), shapes, dataclasses.replace(config, checkpoint_dir=foreign),
+                  resume=resume, progress=False)  # fmt: skip
+    assert (foreign / "checkpoint.pt").read_bytes() == b"someone else's file"
+
+
 def test_training_refuses_what_it_cannot_do(load_tiny, shapes):
     half = load_tiny(dtype="bf16")
     with pytest.raises(ValueError, match="dtype='float32'"):

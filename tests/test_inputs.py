@@ -69,6 +69,8 @@ FORBIDDEN_NETWORKS = [
     "fc00::/7",  # unique local (AWS's IPv6 metadata fd00:ec2::254)
     "fe80::/10",
     "::/128",
+    "::/96",  # IPv4-compatible, deprecated: ::10.0.0.1, ::127.0.0.1 (Python calls them global)
+    "fec0::/10",  # site-local, deprecated (Python calls it global)
 ]
 
 
@@ -82,6 +84,17 @@ def test_no_address_in_a_forbidden_network_counts_as_public(network, offset):
         assert not is_public_address(ipaddress.ip_address(f"::ffff:{address}"))
         sixtofour = ipaddress.ip_address((0x2002 << 112) | (int(address) << 80))
         assert not is_public_address(sixtofour)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**128 - 1))
+def test_no_ipv6_address_outside_global_unicast_is_public_unless_it_carries_a_public_ipv4(value):
+    address = ipaddress.IPv6Address(value)
+    carries_ipv4 = address.ipv4_mapped is not None or any(
+        address in ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96")
+    )
+    if address not in ipaddress.ip_network("2000::/3") and not carries_ipv4:
+        assert not is_public_address(address)
 
 
 def test_public_addresses_are_public():
@@ -424,3 +437,41 @@ def test_the_allowed_folder_is_checked_on_the_opened_file(tmp_path, monkeypatch)
     monkeypatch.setattr(images, "_allowed", swap_after_the_check)
     with pytest.raises(ImageLoadError, match="outside the folders"):
         load_image(inside / "ok.png", limits=InputLimits(allowed_folders=(inside,)))
+
+
+def _tiled_tiff(tile: int) -> bytes:
+    """A 1x1 RGB TIFF stored as one deflate tile of tile x tile pixels (all zero)."""
+    import zlib
+
+    body = zlib.compress(bytes(tile * tile * 3), 9)
+    tags = [  # (tag, type, count, value); type 3 SHORT, 4 LONG
+        (256, 4, 1, 1), (257, 4, 1, 1), (258, 3, 3, None), (259, 3, 1, 8), (262, 3, 1, 2),
+        (277, 3, 1, 3), (284, 3, 1, 1), (322, 4, 1, tile), (323, 4, 1, tile),
+        (324, 4, 1, 8), (325, 4, 1, len(body)),
+    ]  # fmt: skip
+    pad = len(body) % 2
+    ifd = 8 + len(body) + pad
+    bits_at = ifd + 2 + 12 * len(tags) + 4
+    data = b"II*\0" + struct.pack("<I", ifd) + body + b"\0" * pad
+    data += struct.pack("<H", len(tags))
+    for tag, kind, count, value in tags:
+        if value is None:
+            data += struct.pack("<HHII", tag, kind, count, bits_at)
+        elif kind == 3:
+            data += struct.pack("<HHIHH", tag, kind, count, value, 0)
+        else:
+            data += struct.pack("<HHII", tag, kind, count, value)
+    return data + struct.pack("<I", 0) + struct.pack("<HHH", 8, 8, 8)
+
+
+def test_a_tiff_whose_tile_is_larger_than_the_pixel_cap_is_refused_from_its_header():
+    # The decoder allocates a whole tile: a 2 MB file of one 26736x26736 tile took 2.3 GB.
+    bomb = _tiled_tiff(64)
+    with pytest.raises(ImageLoadError, match="TIFF tiles are 64x64 pixels"):
+        load_image(bomb, limits=InputLimits(max_pixels=64 * 64 - 1))
+    assert load_image(bomb, limits=InputLimits(max_pixels=64 * 64)).size == (1, 1)
+
+
+def test_a_file_name_too_long_to_open_is_an_image_error(tmp_path):
+    with pytest.raises(ImageLoadError, match="File name too long"):
+        load_image(tmp_path / ("x" * 300 + ".png"))

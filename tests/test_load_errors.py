@@ -33,6 +33,12 @@ def _edit_config(change):
     return edit
 
 
+def _edit_json(path, change):
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
 def _cut_short(folder):
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -138,6 +144,29 @@ def _not_a_bin(folder):
             "config.json",
             r"text_config\.activation_function is 5, but must be str",
             id="activation-5",
+        ),
+        pytest.param(
+            lambda f: _edit_json(
+                f / "processor_config.json",
+                lambda c: c["image_processor"].update(size={"height": 0, "width": 0}),
+            ),
+            "processor_config.json",
+            r"cannot prepare an image",
+            id="processor-size-0",
+        ),
+        pytest.param(
+            lambda f: (f / "generation_config.json").write_text('{"num_beams": 3}'),
+            "generation_config.json",
+            r"has no valid decoder_start_token_id",
+            id="generation-without-token-ids",
+        ),
+        pytest.param(
+            lambda f: _edit_json(
+                f / "generation_config.json", lambda c: c.update(eos_token_id=10**9)
+            ),
+            "generation_config.json",
+            r"has no valid eos_token_id",
+            id="eos-outside-the-vocabulary",
         ),
         pytest.param(
             _cut_short,

@@ -41,6 +41,10 @@ NAT64 network, ``64:ff9b::a00:1`` reaches 10.0.0.1."""
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 """NAT64 for local use (RFC 8215): where its IPv4 address sits depends on the network, so
 none of it counts as public."""
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
+"""The only IPv6 space assigned for public unicast (RFC 4291): an address outside it, such as
+the deprecated IPv4-compatible ``::10.0.0.1`` or site-local ``fec0::1`` (which Python's
+``is_global`` calls global), is never public."""
 
 
 def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -56,6 +60,8 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
         False
         >>> is_public_address(ipaddress.ip_address("64:ff9b::a00:1"))  # 10.0.0.1 over NAT64
         False
+        >>> is_public_address(ipaddress.ip_address("::127.0.0.1"))  # IPv4-compatible, deprecated
+        False
         >>> is_public_address(ipaddress.ip_address("93.184.215.14"))
         True
     """
@@ -70,6 +76,8 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
             return False
         if address.ipv4_mapped is not None or any(address in n for n in _EMBEDDING_IPV4):
             return True  # the IPv4 address inside is public
+        if address not in _GLOBAL_UNICAST:
+            return False
     return bool(address.is_global) and not address.is_multicast
 
 

@@ -210,8 +210,11 @@ def _open_file(path: Path, limits: InputLimits) -> Image.Image:
 def _open_error(path: Path, error: OSError) -> str:
     if error.errno == errno.ELOOP:
         return f"Cannot open {path}: its symbolic links form a loop."
-    if path.is_symlink():
-        target = os.readlink(path)
+    try:  # asking about the path can fail as the open did (a name too long, no permission)
+        target = os.readlink(path) if path.is_symlink() else None
+    except OSError:
+        target = None
+    if target is not None:
         return f"Cannot open {path}: it is a symbolic link to {target}, which does not exist."
     if isinstance(error, FileNotFoundError):
         return f"Image file not found: {path}"
@@ -277,6 +280,13 @@ def decode_image(
         width, height = opened.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError(too_large_message(name, width * height, max_pixels))
+        tile = _tiff_tile(opened)
+        if max_pixels is not None and tile is not None and tile[0] * tile[1] > max_pixels:
+            raise ImageTooLargeError(
+                f"Did not decode {name}: its TIFF tiles are {tile[0]}x{tile[1]} pixels, more "
+                f"than the {max_pixels / 1e6:,.1f} megapixels allowed, and the decoder holds a "
+                "whole tile at once. Re-save it as an ordinary TIFF, PNG or JPEG."
+            )
         if opened.format == "JPEG" and _jpeg_scans(opened.fp) > MAX_JPEG_SCANS:
             raise ImageLoadError(
                 f"Did not decode {name}: it is a JPEG of more than {MAX_JPEG_SCANS} progressive "
@@ -291,6 +301,21 @@ def decode_image(
             raise ImageTooLargeError(f"Could not decode {name}: not enough memory.") from error
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds on damaged data
             raise ImageLoadError(f"Could not read {name} as an image: it is damaged.") from error
+
+
+def _tiff_tile(opened: Image.Image) -> tuple[int, int] | None:
+    """A tiled TIFF's tile size from its header, else None.
+
+    The decoder allocates a whole tile, whatever the image's own size: a 2 MB file can be a
+    1x1 image in one 26736x26736 tile (2 GB), so tiles count against the pixel limit too.
+    """
+    tags = getattr(opened, "tag_v2", None)
+    if opened.format != "TIFF" or tags is None:
+        return None
+    width, length = tags.get(322), tags.get(323)  # TileWidth, TileLength
+    if isinstance(width, int) and isinstance(length, int):
+        return width, length
+    return None
 
 
 def upright(image: Image.Image, name: str = "the image") -> Image.Image:

@@ -7,7 +7,10 @@
 - :func:`write_atomically`: a whole file is written to a temporary file beside it and renamed
   over it only once complete: a crash or a full disk leaves the old file as it was. An
   existing file keeps its permissions and (where allowed) its owner; a symbolic link stays a
-  link, and the file it points to is the one replaced.
+  link, and the file it points to is the one replaced; a file with other hard links is refused
+  (renaming over it would leave them the old bytes).
+- :func:`check_replaceable`: an existing file is replaced whole only if it holds what the
+  command writes (a COCO export never replaces a label file).
 - :class:`Appender`: whole lines appended in place (label files); a write that fails part-way
   (a full disk, Ctrl-C) is cut back, so the file never ends in a torn line.
 
@@ -48,13 +51,23 @@ def same_file(first: PathLike, second: PathLike) -> bool:
         return False
 
 
-def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathLike] = ()) -> None:
+def check_outputs(
+    outputs: Mapping[str, PathLike | None],
+    inputs: Iterable[PathLike] = (),
+    *,
+    folders: Iterable[PathLike] = (),
+    holds: Mapping[str, str] | None = None,
+) -> None:
     """Refuse outputs that would overwrite an input or each other, before anything runs.
 
     Args:
         outputs: Each output's name (as the user knows it: ``"--out"``) and its path; None
             for an output not asked for.
         inputs: The files (or folders) the command reads.
+        folders: Folders the command reads as a whole (a model's): nothing is written
+            inside them.
+        holds: For the outputs written whole, what an existing file there must already hold
+            to be replaced (see :func:`check_replaceable`).
 
     Raises:
         OutputError: Naming the output and the input (or other output) it resolves to.
@@ -90,7 +103,79 @@ def check_outputs(outputs: Mapping[str, PathLike | None], inputs: Iterable[PathL
                 )
         if Path(os.path.expanduser(os.fspath(path))).is_dir():
             raise OutputError(f"{name} {os.fspath(path)} is a folder: give a file name.")
+        for folder in folders:
+            inside = resolved(folder)
+            if os.path.commonpath([resolved(path), inside]) == inside:
+                raise OutputError(
+                    f"{name} {os.fspath(path)} is inside {os.fspath(folder)}, which the command "
+                    "reads: writing there could break it. Choose another folder."
+                )
         _check_writable(name, path)
+        if holds is not None and name in holds:
+            check_replaceable(path, holds[name], name)
+
+
+HOLDS = {
+    "image": "an image",
+    "COCO JSON": "a COCO JSON file",
+}
+"""What :func:`check_replaceable` can check an existing file holds."""
+
+
+def check_replaceable(path: PathLike, holds: str | None = None, name: str | None = None) -> None:
+    """Refuse to replace an existing file whole where that would lose something.
+
+    Args:
+        path: The file to be replaced (nothing to check where it does not exist).
+        holds: What the file must already hold to be replaced, a key of :data:`HOLDS`
+            (``"image"``, ``"COCO JSON"``): a COCO export never replaces a label file or a
+            model's config. None: anything.
+        name: How the user knows the output, for the message.
+
+    Raises:
+        OutputError: The file has other hard links (they would keep the old bytes), or does
+            not hold what ``holds`` says.
+    """
+    label = f"{name} {os.fspath(path)}" if name else os.fspath(path)
+    target = Path(resolved(path))
+    try:
+        info = target.stat()
+    except OSError:
+        return
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        raise OutputError(
+            f"{label} has {info.st_nlink - 1} other hard link(s): replacing it would leave them "
+            "with the old content. Write to another file name."
+        )
+    if holds is not None and stat.S_ISREG(info.st_mode) and not _holds(target, holds):
+        raise OutputError(
+            f"{label} exists and is not {HOLDS[holds]}: replacing it would lose it. Move it "
+            "away or choose another file name."
+        )
+
+
+def _holds(path: Path, kind: str) -> bool:
+    """Whether an existing file holds ``kind`` (a key of :data:`HOLDS`); empty files do."""
+    if path.stat().st_size == 0:
+        return True
+    if kind == "image":
+        from PIL import Image
+
+        try:
+            with Image.open(path):
+                return True
+        except Exception:  # noqa: BLE001 - whatever Pillow cannot open is not an image
+            return False
+    if kind == "COCO JSON":
+        import json
+
+        try:
+            with open(path, "rb") as handle:
+                document = json.load(handle)
+        except (OSError, ValueError, RecursionError):
+            return False
+        return isinstance(document, dict) and {"images", "annotations"} <= document.keys()
+    raise ValueError(f"Unknown kind {kind!r}: one of {', '.join(HOLDS)}")
 
 
 def _check_writable(name: str, path: PathLike) -> None:
@@ -164,6 +249,7 @@ def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]
         before = None
     if before is not None and not stat.S_ISREG(before.st_mode):
         raise OutputError(f"{os.fspath(path)} is not a regular file: give a file name.")
+    check_replaceable(target)
     temporary = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
     # O_EXCL: never write through a file someone else placed there; 0o666: the umask applies.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..boundary.images import ImageLoadError
 from ..boundary.inputs import InputError, SettingError
@@ -19,6 +20,7 @@ from ..model.loading import (
     FlorenceModel,
     ModelNotAvailableError,
     load_model,
+    resolve_model_id,
 )
 
 EXIT_BUG = 1
@@ -110,6 +112,12 @@ def _checked_device(args: argparse.Namespace) -> str:
         return str(resolve_dtype(args.dtype, device)).removeprefix("torch.")
     except (ValueError, RuntimeError, TypeError) as error:
         raise _Refused(f"{error}", EXIT_BAD_INPUT) from None
+
+
+def _model_folders(args: argparse.Namespace) -> list[str]:
+    """The model's local folder, if it loads from one: outputs never go inside it."""
+    model = resolve_model_id(args.model)
+    return [model] if Path(model).expanduser().is_dir() else []
 
 
 def _load(args: argparse.Namespace) -> FlorenceModel:

@@ -8,10 +8,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..boundary.images import ImageLoadError
 from ..boundary.outputs import check_outputs
 from ..language.prompts import build_prompt
+from ..language.tasks import TaskSpec
 from .common import (
     EXIT_BAD_INPUT,
     _add_classes,
@@ -19,6 +21,7 @@ from .common import (
     _add_model_options,
     _checked_device,
     _load,
+    _model_folders,
     _Refused,
     _task_and_classes,
 )
@@ -60,39 +63,15 @@ def _label_parser() -> argparse.ArgumentParser:
 
 def label_main(argv: Sequence[str]) -> int:
     args = _label_parser().parse_args(argv)
-    from ..labelling import LabelFileError, check_label_file, export_coco, job_settings
-    from ..labelling.jobs import find_images, label
-    from ..model.inference import check_generation_settings
-    from ..model.loading import resolve_model_id
+    from ..labelling import export_coco
+    from ..labelling.jobs import label
 
     settings = {
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
         "scores": args.scores,
     }
-    spec = _task_and_classes(args, default=None)
-    if not Path(args.folder).is_dir():
-        raise ImageLoadError(f"Not a folder: {args.folder}")
-    if args.classes is None:
-        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
-    check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
-    images = find_images(args.folder)
-    check_outputs({"--out": args.out, "--coco": args.coco}, images)
-    dtype = _checked_device(args)
-    # The output file is checked before the model loads: a wrong --out fails in a second.
-    job = job_settings(
-        resolve_model_id(args.model),
-        spec,
-        text=args.text,
-        region=args.region,
-        classes=args.classes,
-        dtype=dtype,
-        **settings,
-    )
-    try:
-        check_label_file(args.out, job, add=args.add)
-    except LabelFileError as error:
-        raise _Refused(str(error), EXIT_BAD_INPUT) from None
+    spec, images = _checked_before_loading(args, settings)
     florence = _load(args)
     summary = label(
         florence,
@@ -117,3 +96,45 @@ def label_main(argv: Sequence[str]) -> int:
         dataset = export_coco(summary.output, args.coco)
         print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
     return 0
+
+
+def _checked_before_loading(
+    args: argparse.Namespace, settings: dict[str, Any]
+) -> tuple[TaskSpec, list[Path]]:
+    """Everything that can be refused without the model, refused in a second: the task and
+    its inputs, the settings, the folder, the outputs and the label file's job. Returns the
+    task and the images."""
+    from ..labelling import LabelFileError, check_label_file, job_settings
+    from ..labelling.jobs import find_images
+    from ..model.inference import check_generation_settings
+    from ..model.loading import resolve_model_id
+
+    spec = _task_and_classes(args, default=None)
+    if not Path(args.folder).is_dir():
+        raise ImageLoadError(f"Not a folder: {args.folder}")
+    if args.classes is None:
+        build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
+    check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
+    images = find_images(args.folder)
+    check_outputs(
+        {"--out": args.out, "--coco": args.coco},
+        images,
+        folders=_model_folders(args),
+        holds={"--coco": "COCO JSON"},
+    )
+    dtype = _checked_device(args)
+    # The output file is checked before the model loads: a wrong --out fails in a second.
+    job = job_settings(
+        resolve_model_id(args.model),
+        spec,
+        text=args.text,
+        region=args.region,
+        classes=args.classes,
+        dtype=dtype,
+        **settings,
+    )
+    try:
+        check_label_file(args.out, job, add=args.add)
+    except LabelFileError as error:
+        raise _Refused(str(error), EXIT_BAD_INPUT) from None
+    return spec, images

@@ -5,6 +5,7 @@ optionally drawn into ``--out`` (never over the input).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 import sys
@@ -25,6 +26,7 @@ from .common import (
     _add_model_options,
     _checked_device,
     _load,
+    _model_folders,
     _task_and_classes,
 )
 
@@ -78,22 +80,33 @@ def _readable_json(payload: dict) -> str:
 
 
 def _check_image_output(path: str | None) -> None:
-    """Refuse an --out whose extension names no image format, before any work."""
+    """Refuse an --out whose extension names no image format Pillow writes in colour, before
+    any work (some it reads but cannot write, such as .psd, or not in RGB, such as .xbm)."""
     from PIL import Image
 
-    if path is not None and Path(path).suffix.lower() not in Image.registered_extensions():
+    if path is None:
+        return
+    kind = Image.registered_extensions().get(Path(path).suffix.lower())
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=kind)
+    except Exception:  # noqa: BLE001 - no format, no writer, or no RGB: each fails its own way
         raise OutputError(
-            f"--out {path}: the file name must end in an image format's extension "
-            "(.png, .jpg, .webp, ...)."
-        )
+            f"--out {path}: the file name must end in the extension of an image format that "
+            "can be written in colour (.png, .jpg, .webp, ...)."
+        ) from None
 
 
 def run_main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     # Everything that can be checked without the model is checked first.
     spec = _task_and_classes(args, default="CAPTION")
-    check_outputs({"--out": args.out}, [] if is_url(args.image) else [local_path(args.image)])
     _check_image_output(args.out)
+    check_outputs(
+        {"--out": args.out},
+        [] if is_url(args.image) else [local_path(args.image)],
+        folders=_model_folders(args),
+        holds={"--out": "image"},
+    )
     image = load_image(args.image, limits=InputLimits(allowed_hosts=tuple(args.allow_host)))
     if args.classes is None:
         build_prompt(spec, image.size, text=args.text, region=args.region)

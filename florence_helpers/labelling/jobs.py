@@ -317,7 +317,12 @@ def label(
     _inference(florence, spec, text, region, classes)  # a settings mistake stops it here
     paths = _image_list(sources)
     out = Path(output)
-    check_outputs({"output": out}, [local_path(p) for p in paths if not is_url(p)])
+    model_folder = Path(str(florence.model_id)).expanduser()
+    check_outputs(
+        {"output": out},
+        [local_path(p) for p in paths if not is_url(p)],
+        folders=[model_folder] if model_folder.is_dir() else [],
+    )
     check_job_fits(florence, spec, text, region, classes, run_kwargs.get("max_new_tokens", 1024))
     job = job_for(florence, spec, text=text, region=region, classes=classes, **run_kwargs)
     check_label_file(out, job, add=add)

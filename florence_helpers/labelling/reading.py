@@ -122,15 +122,19 @@ def export_coco(
     file is written whole or not at all, and never over the label file it reads.
 
     Raises:
-        OutputError: ``output`` is the label file itself.
+        OutputError: ``output`` is the label file itself, or an existing file that is not a
+            COCO JSON file (a label file, a model's config).
 
     Example:
         >>> export_coco("detections.jsonl", "detections.coco.json")  # doctest: +SKIP
     """
     from ..drawing.conversions import to_coco
 
-    if not isinstance(labels, list):
-        check_outputs({"the COCO file": output}, [labels])
+    check_outputs(
+        {"the COCO file": output},
+        [] if isinstance(labels, list) else [labels],
+        holds={"the COCO file": "COCO JSON"},
+    )
     records = read_labels(labels) if not isinstance(labels, list) else labels
     categories: dict[str, int] = {}
     images, annotations = [], []

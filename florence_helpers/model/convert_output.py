@@ -5,16 +5,18 @@ folder being replaced is kept.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..boundary.outputs import OutputError, check_folder_output
+from ..boundary.outputs import OutputError, check_folder_output, resolved
 from .weight_files import CheckpointError, _first_line
 
 
@@ -81,8 +83,11 @@ def _written_atomically(target: Path, overwrite: bool) -> Iterator[Path]:
 
     On any failure the temporary folder is removed and ``target`` is as it was (an existing
     one is renamed aside, not deleted, until the new one is in place). A failure to write
-    becomes an :class:`OSError` whose message is one sentence naming ``target``.
+    becomes an :class:`OSError` whose message is one sentence naming ``target``. A symbolic
+    link stays a link (the folder it names is the one replaced) and a replaced folder keeps
+    its permissions and, where allowed, its owner.
     """
+    shown, target = target, Path(resolved(target))
     existed = target.is_dir()
     created = [p for p in target.parents if not p.exists()]  # parent folders made here
     try:
@@ -92,7 +97,7 @@ def _written_atomically(target: Path, overwrite: bool) -> Iterator[Path]:
         folder.mkdir()
     except OSError as error:
         _remove_empty(created)
-        raise _write_error(error, target, existed) from None
+        raise _write_error(error, shown, existed) from None
     try:
         yield folder
         _replace_folder(folder, target)
@@ -102,7 +107,7 @@ def _written_atomically(target: Path, overwrite: bool) -> Iterator[Path]:
         written = _as_os_error(error)
         if written is None:
             raise
-        raise _write_error(written, target, existed) from None
+        raise _write_error(written, shown, existed) from None
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -119,6 +124,10 @@ def _replace_folder(folder: Path, target: Path) -> None:
     if not (target.exists() or target.is_symlink()):
         os.replace(folder, target)
         return
+    info = target.stat()
+    os.chmod(folder, stat.S_IMODE(info.st_mode))
+    with contextlib.suppress(OSError):  # only root may give a folder away
+        os.chown(folder, info.st_uid, info.st_gid)
     aside = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
     os.replace(target, aside)
     try:

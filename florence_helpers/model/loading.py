@@ -180,6 +180,7 @@ def load_model(
         message = _unavailable_message(name, _load_failure(name, error), hub_reached=not local_only)
         raise ModelNotAvailableError(message) from error
     _check_weights(name, loading)
+    _check_settings(name, model, processor)
     if target.type == "cpu":
         _use_available_cores()
         if onednn_beats_mkl():
@@ -232,6 +233,40 @@ def _check_weights(name: str, loading: dict[str, Any]) -> None:
         + ". The checkpoint is incomplete or damaged (download it again), or belongs to "
         "another model."
     )
+
+
+def _check_settings(name: str, model: Any, processor: Any) -> None:
+    """Refuse a checkpoint whose settings load but cannot answer: a generation_config.json
+    without the token ids decoding starts and stops with, a processor_config.json that cannot
+    prepare an image (a size of 0x0). Found here, the file is named; found at the first
+    image, it would be an error from deep inside transformers."""
+    from PIL import Image
+
+    from .weight_files import _first_line
+
+    folder = Path(name).expanduser()
+
+    def where(file: str) -> str:
+        return str(folder / file) if folder.is_dir() else f"its {file}"
+
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    for key in ("decoder_start_token_id", "eos_token_id"):
+        value = getattr(model.generation_config, key, None)
+        ids = value if isinstance(value, list) else [value]
+        if not ids or not all(isinstance(i, int) and 0 <= i < vocabulary for i in ids):
+            raise ModelNotAvailableError(
+                f"{where('generation_config.json')} has no valid {key} (found {value!r}), "
+                "which decoding needs. The checkpoint is damaged: download it again, or copy "
+                "generation_config.json from the checkpoint it was made from."
+            )
+    try:
+        processor(text="<OD>", images=Image.new("RGB", (8, 8)), return_tensors="pt")
+    except Exception as error:  # noqa: BLE001 - however the processor fails, its file is named
+        raise ModelNotAvailableError(
+            f"{where('processor_config.json')} cannot prepare an image "
+            f"({type(error).__name__}: {_first_line(error)}). "
+            "The checkpoint is damaged: download it again."
+        ) from error
 
 
 def _load_failure(name: str, error: Exception) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..boundary.images import load_image
+from ..boundary.outputs import write_atomically
 from ..model.devices import cpu_has_native_bf16, cuda_half_dtype
 from ..model.loading import FlorenceModel, base_model, embed_prompts, vision_tower
 from .batches import collate, freeze_vision_tower, target_labels
@@ -154,9 +154,11 @@ class _Checkpoint:
         self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, resume: bool
     ) -> tuple[int, TrainingHistory]:
         """Steps done and history so far: from the checkpoint if there is one to resume."""
-        if self.path is None or not resume or not self.path.is_file():
+        if self.path is None or not self.path.is_file():
             return 0, TrainingHistory()
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        state = self._read()  # also without resume: starting over replaces only our own file
+        if not resume:
+            return 0, TrainingHistory()
         expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
         found = {n: tuple(t.shape) for n, t in state["weights"].items()}
         if expected != found or state["num_samples"] != self.num_samples:
@@ -174,6 +176,22 @@ class _Checkpoint:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         return int(state["step"]), TrainingHistory(**state["history"])
+
+    def _read(self) -> dict[str, Any]:
+        """The checkpoint's contents, checked to be one that :meth:`save` wrote."""
+        assert self.path is not None
+        try:
+            # mmap: the tensors are read when used, so checking a large file costs nothing.
+            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on foreign files
+            state = error
+        keys = {"step", "num_samples", "weights", "optimizer", "scheduler", "scaler", "history"}
+        if not (isinstance(state, dict) and keys <= state.keys()):
+            raise ValueError(
+                f"{self.path} is not a training checkpoint this package wrote (it cannot be "
+                "read as one). Use another checkpoint_dir, or move the file away."
+            ) from (state if isinstance(state, Exception) else None)
+        return state
 
     def save(
         self,
@@ -200,12 +218,7 @@ class _Checkpoint:
             "history": dataclasses.asdict(history),
             "rng": torch.get_rng_state(),
         }
-        partial = self.path.with_name(self.path.name + ".partial")
-        with partial.open("wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, self.path)
+        write_atomically(self.path, lambda handle: torch.save(state, handle))
 
 
 def _epoch_plan(
