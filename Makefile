@@ -52,11 +52,16 @@ lint: install
 	$(PY) -m ruff format --check .
 	$(PY) tools/notebooks.py check
 
-# Unit tests, doctests, and every notebook executed offline with the tiny model (nbval).
+# Unit tests, doctests, and every notebook executed offline with the tiny model (nbval), in
+# parallel on up to 4 cores (pytest-xdist; how tests are grouped: conftest.py). The 15 slowest
+# tests are listed at the end. `make test PYTEST_WORKERS=0` runs them in this one process.
+PYTEST_WORKERS ?= auto
 test: lint
 	$(PY) -m pytest tests florence_helpers notebooks \
 		--doctest-modules --ignore=florence_helpers/__main__.py \
-		--nbval-lax --nbval-current-env
+		--nbval-lax --nbval-current-env \
+		-n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadgroup --no-loadscope-reorder \
+		--durations=15
 
 # Only the explorer's browser test: JupyterLab in headless Chromium (Debian's `chromium`
 # package; skipped without it). Screenshots go to .cache/browser-screenshots.
