@@ -60,7 +60,7 @@ test: lint
 	$(PY) -m pytest tests florence_helpers notebooks \
 		--doctest-modules --ignore=florence_helpers/__main__.py \
 		--nbval-lax --nbval-current-env \
-		-n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadgroup --no-loadscope-reorder \
+		-n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
 		--durations=15
 
 # Only the explorer's browser test: JupyterLab in headless Chromium (Debian's `chromium`

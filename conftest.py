@@ -6,10 +6,12 @@ process's environment) load it instead of reaching for the hub. The fine-tuning 
 run by tests/test_notebook_training.py instead, which inserts the tiny model's settings.
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,10 +24,10 @@ _TINY_DIR: Path | None = None
 collect_ignore = ["notebooks/06_fine_tuning.ipynb", "notebooks/08_fine_tuning_document_vqa.ipynb"]
 
 
-# `make test` runs the tests in parallel with pytest-xdist (--dist loadgroup). A file's tests
-# share fixtures (a notebook's cells share one kernel), so each file runs in one worker, except
-# these, whose tests are long and independent; and the longest files start first, so that no
-# worker is left with one of them at the end.
+# `make test` runs the tests in parallel with pytest-xdist. A file's tests share fixtures (a
+# notebook's cells share one kernel), so each file runs in one worker, except these, whose
+# tests are long and independent; and the longest files start first, so that no worker is left
+# with one of them at the end.
 _SPLIT = ("tests/test_finetune.py", "tests/test_qa.py")
 _FIRST = (
     "tests/test_notebook_reruns.py",
@@ -59,16 +61,34 @@ def _share_the_cores() -> None:
     torch.set_num_threads(threads)
 
 
+def _file(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group each file's tests for xdist (but :data:`_SPLIT`'s), longest files first."""
+    """The longest files first (see :data:`_FIRST`)."""
+    items.sort(
+        key=lambda item: (
+            _FIRST.index(_file(item.nodeid)) if _file(item.nodeid) in _FIRST else len(_FIRST)
+        )
+    )
 
-    def path(item: pytest.Item) -> str:
-        return item.nodeid.split("::")[0]
 
-    for item in items:
-        if path(item) not in _SPLIT:
-            item.add_marker(pytest.mark.xdist_group(path(item)))
-    items.sort(key=lambda item: _FIRST.index(path(item)) if path(item) in _FIRST else len(_FIRST))
+if importlib.util.find_spec("xdist") is not None:
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        """Whole files to a worker, in the order collected, but :data:`_SPLIT`'s tests one by one.
+
+        (xdist's ``loadgroup`` marks cannot group a notebook's cells: nbval's items ignore the
+        group xdist adds to their ids.)
+        """
+        from xdist.scheduler import LoadScopeScheduling
+
+        class ByFile(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                return nodeid if _file(nodeid) in _SPLIT else _file(nodeid)
+
+        return ByFile(config, log)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
