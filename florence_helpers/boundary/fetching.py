@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .inputs import ForbiddenAddressError, InputError, InputLimits, TooLargeError
+from .inputs import ForbiddenAddressError, InputError, InputLimits, TooLargeError, is_unicode
 
 _READ_CHUNK = 1 << 16
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -127,15 +127,6 @@ class _HostNotFound(Exception):
     pass
 
 
-def _is_unicode(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (no lone surrogates from undecodable bytes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _ascii_host(hostname: str, url: str) -> str:
     """A host name as DNS and the Host header carry it: IDNA for names beyond ASCII."""
     try:
@@ -154,7 +145,7 @@ def check_url(url: str, limits: InputLimits | None = None) -> urllib.parse.Split
         raise InputError(f"A URL must be text, got {type(url).__name__}.")
     if any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise InputError("The URL holds spaces or control characters: percent-encode them.")
-    if not _is_unicode(url):
+    if not is_unicode(url):
         raise InputError("The URL is not valid Unicode text.")
     try:
         parts = urllib.parse.urlsplit(url)

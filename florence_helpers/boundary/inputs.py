@@ -108,6 +108,16 @@ def _is_numpy_number(value: Any) -> bool:
     return kind.__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iuf"
 
 
+def is_unicode(text: str) -> bool:
+    """False for text holding lone surrogates (undecodable bytes, or a JSON ``"\\ud800"``),
+    which cannot be written as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | None:
     """``value`` as a string (None and "" stay None), or a :class:`SettingError`.
 
@@ -118,10 +128,8 @@ def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | 
         return None
     if not isinstance(value, str):
         raise SettingError(f"{name} must be text, got {type(value).__name__} {value!r:.60}.")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SettingError(f"{name} is not valid Unicode text.") from None
+    if not is_unicode(value):
+        raise SettingError(f"{name} is not valid Unicode text.")
     if max_chars is not None and len(value) > max_chars:
         raise SettingError(f"{name} is {len(value):,} characters long; at most {max_chars:,}.")
     return value

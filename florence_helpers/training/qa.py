@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from ..boundary.images import ImageLoadError, decode_image, to_rgb
-from ..boundary.inputs import DEFAULT_MAX_PIXELS
+from ..boundary.inputs import DEFAULT_MAX_PIXELS, is_unicode
 from ..boundary.outputs import OutputError, write_atomically
 from ..language.prompts import TaskInputError, build_prompt
 from ..language.regions import RegionError
@@ -27,7 +27,6 @@ from .records import (
     _checked_image_size,
     _finite,
     _image_path,
-    _is_unicode,
     _json_lines,
     _read_bytes,
     _shown,
@@ -169,7 +168,7 @@ def _csv_rows(data: bytes, path: Path) -> Iterator[tuple[int, Any]]:
         header = next(reader, [])
     except csv.Error as error:
         raise ValueError(f"{path}: the header line is not CSV ({error}).") from None
-    if not all(_is_unicode(name) for name in header):
+    if not all(is_unicode(name) for name in header):
         raise ValueError(f"{path}: the header line is not UTF-8 text: save the file as UTF-8.")
     while True:
         first = reader.line_num + 1
@@ -192,7 +191,7 @@ def _csv_rows(data: bytes, path: Path) -> Iterator[tuple[int, Any]]:
                     'that holds a comma ("1,5")'
                 ),
             )
-        elif not all(_is_unicode(value) for value in values):
+        elif not all(is_unicode(value) for value in values):
             yield first, _BadAnnotation("is not UTF-8 text: save the file as UTF-8")
         else:
             yield first, dict(zip(header, values, strict=True))

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from ..boundary.images import ImageLoadError, open_header
-from ..boundary.inputs import DEFAULT_MAX_PIXELS
+from ..boundary.inputs import DEFAULT_MAX_PIXELS, is_unicode
 from .samples import _BadAnnotation
 
 _EXIF_ORIENTATION = 0x0112
@@ -69,17 +69,8 @@ def _numbers(value: Any, what: str, form: str) -> list[float]:
     return found
 
 
-def _is_unicode(text: str) -> bool:
-    """False for text holding lone surrogates (undecodable bytes, or a JSON ``"\\ud800"``)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _text(text: str, what: str) -> str:
-    if not _is_unicode(text):
+    if not is_unicode(text):
         raise _BadAnnotation(f"{what}: not valid Unicode text (a lone surrogate)")
     return text
 
