@@ -276,7 +276,16 @@ def test_limits_are_checked_for_type_and_range(changes, message):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=5)))
+@given(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.floats(),
+        st.integers(),
+        st.integers(min_value=2**1024, max_value=10**5000).map(lambda n: n * (-1) ** (n % 2)),
+        st.text(max_size=5),
+    )
+)
 def test_check_number_accepts_only_finite_numbers_in_range(value):
     try:
         number = check_number(value, "x", minimum=1, maximum=10, integer=True)

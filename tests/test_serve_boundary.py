@@ -176,6 +176,11 @@ def test_deeply_nested_json_and_fields_of_the_wrong_type_get_a_4xx(florence, cal
         ({"task": "OD", "max_new_tokens": 1e300, "image": image}, 422, "max_new_tokens"),
         ({"task": "REGION_TO_CATEGORY", "region": {"x": 1}, "image": image}, 422, "region"),
         ({"task": "REGION_TO_CATEGORY", "region": [1, 2, "nan", 4], "image": image}, 422, "region"),
+        (
+            {"task": "REGION_TO_CATEGORY", "region": [10**400, 0, 1, 1], "image": image},
+            422,
+            "region",
+        ),
         ({"task": "OD", "image": "not base64!"}, 400, "image"),
         ({"task": "OD", "image": "data:image/png,raw"}, 422, "image"),
     ]
@@ -391,8 +396,11 @@ def test_shutdown_does_not_wait_on_a_slow_client_past_its_timeout(florence):
 
 # --- request parsing, fuzzed -------------------------------------------------------------------
 
+HUGE_INTEGERS = st.integers(min_value=2**1024, max_value=10**4000) | st.integers(
+    min_value=-(10**4000), max_value=-(2**1024)
+)  # past float's range, within what Python's JSON reads
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+    st.none() | st.booleans() | st.floats() | st.integers() | HUGE_INTEGERS | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
@@ -458,6 +466,20 @@ def test_any_json_fields_give_a_job_or_a_request_error_naming_a_field(florence, 
             assert job.text is None or isinstance(job.text, str)
     except RequestError as error:
         assert error.field and error.message and 400 <= error.status < 500
+
+
+@settings(max_examples=150, deadline=None)
+@given(JSON_VALUES)
+def test_any_region_gives_a_job_or_a_request_error_naming_the_region(florence, region):
+    from florence_helpers.serve.requests import RequestError, check_request
+
+    image = Image.new("RGB", (64, 48))
+    try:
+        job = check_request(florence, image, task="REGION_TO_CATEGORY", region=region)
+    except RequestError as error:
+        assert error.field == "region" and error.status == 422, error
+    else:
+        assert "<loc_" in job.prompt
 
 
 # --- cases from a hostile review ----------------------------------------------------------

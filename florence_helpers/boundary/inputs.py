@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import reprlib
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -88,8 +89,12 @@ def check_number(
         or not isinstance(value, int | float)
         and not _is_numpy_number(value)
     ):
-        raise SettingError(f"{name} must be {kind}, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(float(value)):
+        raise SettingError(f"{name} must be {kind}, got {type(value).__name__} {shown(value)}.")
+    try:
+        finite = math.isfinite(float(value))
+    except OverflowError:  # an int past float's range: out of any range we accept
+        raise SettingError(f"{name} is out of range, got {shown(value)}.") from None
+    if not finite:
         raise SettingError(f"{name} must be a finite number, got {value!r}.")
     if integer:
         if float(value) != int(value):
@@ -97,10 +102,23 @@ def check_number(
         value = int(value)
     if minimum is not None and (value <= minimum if above else value < minimum):
         bound = f"more than {minimum:g}" if above else f"at least {minimum:g}"
-        raise SettingError(f"{name} must be {bound}, got {value!r}.")
+        raise SettingError(f"{name} must be {bound}, got {shown(value)}.")
     if maximum is not None and value > maximum:
-        raise SettingError(f"{name} must be at most {maximum:g}, got {value!r}.")
+        raise SettingError(f"{name} must be at most {maximum:g}, got {shown(value)}.")
     return value
+
+
+def shown(value: Any, width: int = 60, *, plain: bool = False) -> str:
+    """``value`` for a message about an outside value: its repr, cut to ``width`` characters.
+
+    A string is shown as itself with ``plain``. Values Python cannot write (an int of over
+    4300 digits, a list nested too deep) are named by their type instead.
+    """
+    try:
+        text = value if plain and isinstance(value, str) else reprlib.repr(value)
+    except (ValueError, RecursionError):
+        return f"(a {type(value).__name__} too large to write out)"
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _is_numpy_number(value: Any) -> bool:
@@ -127,7 +145,7 @@ def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | 
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise SettingError(f"{name} must be text, got {type(value).__name__} {value!r:.60}.")
+        raise SettingError(f"{name} must be text, got {type(value).__name__} {shown(value)}.")
     if not is_unicode(value):
         raise SettingError(f"{name} is not valid Unicode text.")
     if max_chars is not None and len(value) > max_chars:

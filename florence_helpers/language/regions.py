@@ -12,6 +12,7 @@ arithmetic (in float32, as the processor's torch code does) so that they agree w
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,9 +82,9 @@ def check_box(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, f
     """
     try:
         x1, y1, x2, y2 = (float(v) for v in box)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RegionError(
-            f"A region must be four numbers (x1, y1, x2, y2) in pixels, got {box!r}."
+            f"A region must be four numbers (x1, y1, x2, y2) in pixels, got {_shown(box)}."
         ) from None
     width, height = image_size
     shown = "(" + ", ".join(f"{v:g}" for v in (x1, y1, x2, y2)) + ")"
@@ -99,6 +100,15 @@ def check_box(box: Sequence[float], image_size: Sequence[int]) -> tuple[float, f
             f"x must be within 0..{width} and y within 0..{height}."
         )
     return x1, y1, x2, y2
+
+
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to 80 characters; Python refuses to write integers of over 4300
+    digits, so those are named instead of shown."""
+    try:
+        return reprlib.repr(value)[:80]
+    except ValueError:
+        return "(a value holding a number too large to write out)"
 
 
 def box_to_loc_tokens(box: Sequence[float], image_size: Sequence[int]) -> str:

@@ -219,7 +219,7 @@ def _region(value: Any) -> tuple[float, ...] | None:
         raise RequestError("region", f"A region is four numbers x1, y1, x2, y2, got {value!r}.")
     try:
         numbers = tuple(_number(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError(
             "region", f"A region is four numbers x1, y1, x2, y2 in pixels, got {value!r:.80}."
         ) from None

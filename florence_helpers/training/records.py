@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..boundary.images import ImageLoadError, open_header
 from ..boundary.inputs import DEFAULT_MAX_PIXELS, is_unicode
+from ..boundary.inputs import shown as _shown
 from .samples import _BadAnnotation
 
 _EXIF_ORIENTATION = 0x0112
@@ -28,15 +29,6 @@ _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
 _SPECIAL_TOKEN = re.compile(r"</?[A-Za-z][\w-]*>")  # <loc_5>, </s>, <OD>, <ref-object>...
 _BOM = b"\xef\xbb\xbf"
-
-
-def _shown(value: Any, *, plain: bool = False) -> str:
-    """``value`` for a message: its repr (a string as itself if ``plain``), cut to 60 chars."""
-    try:
-        text = value if plain and isinstance(value, str) else repr(value)
-    except (ValueError, RecursionError):  # an int of over 4300 digits, a list nested too deep
-        return f"a {type(value).__name__}"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_id(value: Any) -> bool:
