@@ -438,3 +438,12 @@ def test_a_file_with_another_hard_link_is_never_replaced_whole(florence, photos,
     with pytest.raises(OutputError, match="other hard link"):
         write_atomically(tmp_path / "backup.coco.json", b"{}")
     assert coco.read_bytes() == before == (tmp_path / "backup.coco.json").read_bytes()
+
+
+def test_an_image_of_an_unknown_users_home_is_not_found_in_one_line(
+    capsys, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("FLORENCE_MODEL", str(tiny_model_dir))
+    code, err = main(capsys, "~no_such_user_f2/cat.png", "--device", "cpu")
+    assert code == 2 and "not found" in err.lower(), err
+    assert err.startswith("error: ") and "Traceback" not in err

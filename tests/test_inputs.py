@@ -484,3 +484,22 @@ def test_a_tiff_whose_tile_is_larger_than_the_pixel_cap_is_refused_from_its_head
 def test_a_file_name_too_long_to_open_is_an_image_error(tmp_path):
     with pytest.raises(ImageLoadError, match="File name too long"):
         load_image(tmp_path / ("x" * 300 + ".png"))
+
+
+@pytest.mark.parametrize(
+    "source", ["~no_such_user_f2/cat.png", "file:///tmp/a%00b.png", "file:///~no_such_user_f2/x"]
+)
+@pytest.mark.parametrize("folders", [None, ("/tmp",)])
+def test_odd_local_paths_are_image_load_errors(source, folders):
+    with pytest.raises(ImageLoadError):
+        load_image(source, limits=InputLimits(allowed_folders=folders))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30), st.sampled_from([None, (), ("/tmp",)]))
+def test_any_local_path_is_a_path_or_an_input_error(text, folders):
+    try:
+        path = check_local_path(text, InputLimits(allowed_folders=folders))
+    except InputError:
+        return
+    assert isinstance(path, Path)

@@ -223,6 +223,15 @@ def local_path(source: str) -> str:
     return source
 
 
+def expand_path(path: str | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as the shell would.
+
+    ``~name`` of a user this machine does not know stays as written (``Path.expanduser``
+    raises RuntimeError there): it then names a file that is simply not found.
+    """
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def check_local_path(path: str | os.PathLike, limits: InputLimits | None = None) -> Path:
     """``path`` with ``~`` expanded; refused outside :attr:`InputLimits.allowed_folders`.
 
@@ -232,13 +241,15 @@ def check_local_path(path: str | os.PathLike, limits: InputLimits | None = None)
     Raises:
         InputError: The path lies outside every allowed folder.
     """
-    expanded = Path(os.fspath(path)).expanduser()
+    if "\x00" in os.fspath(path):
+        raise InputError("A file path cannot hold a NUL character.")
+    expanded = expand_path(path)
     folders = (limits or InputLimits()).allowed_folders
     if folders is None:
         return expanded
     real = os.path.realpath(expanded)
     for folder in folders:
-        root = os.path.realpath(Path(os.fspath(folder)).expanduser())
+        root = os.path.realpath(expand_path(folder))
         try:
             if os.path.commonpath([real, root]) == root:
                 return expanded

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..boundary.images import ImageLoadError
-from ..boundary.inputs import InputError, SettingError
+from ..boundary.inputs import InputError, SettingError, expand_path
 from ..boundary.outputs import OutputError
 from ..language.prompts import TaskInputError
 from ..language.regions import RegionError
@@ -117,7 +116,7 @@ def _checked_device(args: argparse.Namespace) -> str:
 def _model_folders(args: argparse.Namespace) -> list[str]:
     """The model's local folder, if it loads from one: outputs never go inside it."""
     model = resolve_model_id(args.model)
-    return [model] if Path(model).expanduser().is_dir() else []
+    return [model] if expand_path(model).is_dir() else []
 
 
 def _load(args: argparse.Namespace) -> FlorenceModel:

@@ -29,7 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..boundary.images import ImageLoadError, load_image
-from ..boundary.inputs import is_url, local_path
+from ..boundary.inputs import expand_path, is_url, local_path
 from ..boundary.outputs import Appender, check_outputs
 from ..language.prompts import Region, TaskInputError, build_prompt
 from ..language.tasks import Task, TaskSpec, UnknownTaskError, task_spec
@@ -112,7 +112,7 @@ def _image_list(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
     text = os.fsdecode(os.fspath(sources))
     if is_url(text):
         return [text]
-    path = Path(local_path(text)).expanduser()
+    path = expand_path(local_path(text))
     if path.is_dir():
         return find_images(path)
     if not path.exists():
@@ -317,7 +317,7 @@ def label(
     _inference(florence, spec, text, region, classes)  # a settings mistake stops it here
     paths = _image_list(sources)
     out = Path(output)
-    model_folder = Path(str(florence.model_id)).expanduser()
+    model_folder = expand_path(str(florence.model_id))
     check_outputs(
         {"output": out},
         [local_path(p) for p in paths if not is_url(p)],

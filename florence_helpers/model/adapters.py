@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..boundary.inputs import expand_path
 from .loading import FlorenceModel, is_peft
 
 LORA_TARGET_MODULES = (
@@ -113,7 +114,7 @@ def load_adapter(
     """
     from peft import PeftModel
 
-    folder = Path(path).expanduser()
+    folder = expand_path(path)
     weights = _check_adapter_folder(folder)
     saved = _saved_weight_names(weights)
     had_config = "peft_config" in vars(florence.model)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..boundary.inputs import expand_path
 from .weight_files import WEIGHT_FILES, CheckpointError, _check_weight_file, _weight_files
 
 # Remote-code weight names -> native ones, applied in order to every key and module path, each
@@ -68,7 +69,7 @@ def checkpoint_layout(path: str | os.PathLike) -> str:
             another model type, no weights, or a damaged safetensors file. The message names
             the file.
     """
-    folder = Path(path).expanduser()
+    folder = expand_path(path)
     config = _read_config(folder)
     model_type = config.get("model_type")
     if model_type != "florence2" and not (isinstance(model_type, str) and model_type):
@@ -105,7 +106,7 @@ def checkpoint_layout(path: str | os.PathLike) -> str:
 
 def convert_command(old: str | os.PathLike, new: str | os.PathLike | None = None) -> str:
     """The shell command that converts ``old`` (for messages)."""
-    target = new if new is not None else f"{Path(old).expanduser().name or 'florence2'}-native"
+    target = new if new is not None else f"{expand_path(old).name or 'florence2'}-native"
     return f"python -m florence_helpers convert {old} {target}"
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..boundary.inputs import expand_path
 from .checkpoint_files import _config_problem, _read_config, checkpoint_layout, native_name
 from .convert_adapter import convert_adapter
 from .convert_output import _check_output, _reading, _written_atomically
@@ -135,8 +136,8 @@ def convert_checkpoint(
         >>> convert_checkpoint("Florence-2-base-PromptGen", "promptgen-native")  # doctest: +SKIP
         >>> florence = load_model("promptgen-native")  # doctest: +SKIP
     """
-    source = Path(old).expanduser()
-    target = Path(new).expanduser()
+    source = expand_path(old)
+    target = expand_path(new)
     _check_output(target, source, overwrite)
     with _reading(source):
         layout = checkpoint_layout(source)
@@ -448,7 +449,7 @@ def convert(old: str | os.PathLike, new: str | os.PathLike, *, overwrite: bool =
         OSError: Writing failed; the message names ``new`` and the reason, and nothing is
             left behind (an existing ``new`` is as it was).
     """
-    source, target = Path(old).expanduser(), Path(new).expanduser()
+    source, target = expand_path(old), expand_path(new)
     _check_output(target, source, overwrite)
     if (source / "adapter_config.json").is_file():
         return convert_adapter(source, target, overwrite=overwrite)

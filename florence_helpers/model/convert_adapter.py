@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..boundary.inputs import expand_path
 from .checkpoint_files import native_name
 from .convert_output import _check_output, _reading, _written_atomically
 from .weight_files import CheckpointError, _load_weights
@@ -43,8 +44,8 @@ def convert_adapter(
             read.
         OSError: Writing failed (a full disk, a read-only folder); nothing is left behind.
     """
-    source = Path(old).expanduser()
-    target = Path(new).expanduser()
+    source = expand_path(old)
+    target = expand_path(new)
     _check_output(target, source, overwrite)
     with _reading(source):
         config = _read_adapter_config(source)

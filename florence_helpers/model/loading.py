@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..boundary.inputs import expand_path
 from .devices import cpu_has_native_bf16, resolve_device, resolve_dtype
 from .kernels import onednn_beats_mkl, use_onednn_linears
 
@@ -244,7 +245,7 @@ def _check_settings(name: str, model: Any, processor: Any) -> None:
 
     from .weight_files import _first_line
 
-    folder = Path(name).expanduser()
+    folder = expand_path(name)
 
     def where(file: str) -> str:
         return str(folder / file) if folder.is_dir() else f"its {file}"
@@ -279,7 +280,7 @@ def _load_failure(name: str, error: Exception) -> str:
 
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     kind = type(error).__name__
-    folder = Path(name).expanduser()
+    folder = expand_path(name)
     local = folder.is_dir()
     weights = folder / "pytorch_model.bin" if local else "its pytorch_model.bin"
     if isinstance(error, pickle.UnpicklingError) and not pickle_runs_code(error):
@@ -334,7 +335,7 @@ def _check_source(name: str) -> bool:
         True when the model must come from local files (a directory, offline mode, or an
         unreachable hub with a cached copy).
     """
-    path = Path(name).expanduser()
+    path = expand_path(name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelNotAvailableError(
@@ -396,7 +397,7 @@ def _unavailable_message(name: str, detail: str, *, hub_reached: bool = False) -
     from .checkpoint_files import REMOTE_TEXT_MODEL, convert_command
 
     first_line = detail.strip().splitlines()[0] if detail.strip() else ""
-    if Path(name).expanduser().is_dir():
+    if expand_path(name).is_dir():
         return f"Could not load a Florence-2 model from {name}: {first_line}"
     folder = name.split("/")[-1]
     if hub_reached and (REMOTE_TEXT_MODEL in detail or "trust_remote_code" in detail):

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..boundary.inputs import expand_path
 from ..language.prompts import TaskInputError
 from ..language.regions import RegionError, check_box, xywh_to_xyxy
 from ..language.tasks import Task, task_spec
@@ -122,10 +123,10 @@ def _coco_file(
         dataset, source = annotations, "COCO data"
         root = Path(images_dir) if images_dir is not None else Path.cwd()
     else:
-        path = Path(annotations).expanduser()
+        path = expand_path(annotations)
         dataset = _read_json(path)
         source = path.name
-        root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+        root = expand_path(images_dir) if images_dir is not None else path.parent
     for key in ("images", "annotations", "categories"):
         if not isinstance(dataset.get(key), list):
             raise ValueError(f"{source} is not a COCO detection file: it has no {key!r} list.")

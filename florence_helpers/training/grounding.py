@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..boundary.inputs import expand_path
 from ..language.prompts import TaskInputError
 from ..language.regions import RegionError, check_box
 from ..language.tasks import Task, task_spec
@@ -97,8 +98,8 @@ def read_grounding_jsonl(
         raise ValueError(
             f"grounding_task must be one of {', '.join(t.name for t in _GROUNDING_TASKS)}."
         )
-    path = Path(path).expanduser()
-    root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    path = expand_path(path)
+    root = expand_path(images_dir) if images_dir is not None else path.parent
     samples: list[TrainingSample] = []
     problems: list[AnnotationProblem] = []
     sizes: dict[Path, tuple[int, int]] = {}

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from ..boundary.images import ImageLoadError, decode_image, to_rgb
-from ..boundary.inputs import DEFAULT_MAX_PIXELS, is_unicode
+from ..boundary.inputs import DEFAULT_MAX_PIXELS, expand_path, is_unicode
 from ..boundary.outputs import OutputError, write_atomically
 from ..language.prompts import TaskInputError, build_prompt
 from ..language.regions import RegionError
@@ -147,10 +147,10 @@ def _qa_rows(
 ) -> tuple[Iterable[tuple[int, Any]], str, Path]:
     """Numbered rows (or the error that spoilt one), a name for messages, the image folder."""
     if not isinstance(source, str | Path):
-        root = Path(images_dir).expanduser() if images_dir is not None else Path.cwd()
+        root = expand_path(images_dir) if images_dir is not None else Path.cwd()
         return enumerate(source, start=1), "row", root
-    path = Path(source).expanduser()
-    root = Path(images_dir).expanduser() if images_dir is not None else path.parent
+    path = expand_path(source)
+    root = expand_path(images_dir) if images_dir is not None else path.parent
     if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
         raise ValueError(f"{path.name}: read_qa reads .jsonl or .csv files.")
     data = _read_bytes(path)

@@ -19,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from ..boundary.images import ImageLoadError, open_header
-from ..boundary.inputs import DEFAULT_MAX_PIXELS, is_unicode
+from ..boundary.inputs import DEFAULT_MAX_PIXELS, expand_path, is_unicode
 from ..boundary.inputs import shown as _shown
 from .samples import _BadAnnotation
 
@@ -87,11 +87,7 @@ def _image_path(value: Any, root: Path) -> Path:
     """A path from the data, relative ones under ``root``."""
     if not isinstance(value, str | os.PathLike) or not os.fspath(value).strip():
         raise _BadAnnotation(f"the image must be a file path, got {_shown(value)}")
-    path = Path(value)
-    try:
-        path = path.expanduser()
-    except RuntimeError:  # "~name" of a user this machine does not know: a plain name then
-        pass
+    path = expand_path(value)
     return path if path.is_absolute() else root / path
 
 
