@@ -727,7 +727,7 @@ def test_a_full_disk_is_one_clear_oserror_and_leaves_nothing(remote, tmp_path, e
     new.parent.mkdir()
     if existing:
         new.mkdir()
-        (new / "keep.txt").write_text("the earlier conversion")
+        earlier_conversion(new)
     # Files may grow to 1 MB: the tokenizer fits, the 3 MB of weights do not (part-way).
     done = subprocess.run(
         [sys.executable, "-c", _FULL_DISK, str(remote), str(new), str(1_000_000)],
@@ -743,7 +743,7 @@ def test_a_full_disk_is_one_clear_oserror_and_leaves_nothing(remote, tmp_path, e
     assert "Traceback" not in done.stderr
     if existing:
         assert _left_in(new.parent) == ["new"]
-        assert _left_in(new) == ["keep.txt"]
+        assert _left_in(new) == ["config.json", "keep.txt"]
         assert (new / "keep.txt").read_text() == "the earlier conversion"
         assert f"{new} is as it was" in outcome["message"]
     else:
@@ -809,10 +809,50 @@ def test_a_read_only_destination_is_one_clear_oserror(remote, tmp_path):
     assert "nothing was left behind" in reason
 
 
+def earlier_conversion(folder: Path) -> None:
+    """What an earlier ``convert`` left (its config), plus a file the user added."""
+    (folder / "config.json").write_text('{"model_type": "florence2"}')
+    (folder / "keep.txt").write_text("the earlier conversion")
+
+
+def test_overwrite_replaces_only_a_checkpoint_never_the_users_folders(
+    remote, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+
+    thesis = tmp_path / "thesis"
+    (thesis / "figures").mkdir(parents=True)
+    (thesis / "chapter1.tex").write_text("two years of work")
+    before = sorted(p.name for p in thesis.rglob("*"))
+    for new, cwd, message in [
+        (".", thesis, "the current folder"),
+        ("..", thesis / "figures", "the current folder"),
+        (str(thesis), tmp_path, "not a Florence-2 checkpoint or adapter"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "florence_helpers", "convert", str(remote), new, "--overwrite"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+        )
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+    assert sorted(p.name for p in thesis.rglob("*")) == before
+    monkeypatch.setenv("HOME", str(thesis / "figures"))
+    with pytest.raises(OutputError, match="your home folder"):
+        convert(remote, thesis, overwrite=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (thesis / "config.json").write_text('{"model_type": "florence2"}')
+    convert(remote, thesis, overwrite=True)  # an earlier conversion, with a user's file in it
+    assert checkpoint_layout(thesis) == "native" and not (thesis / "chapter1.tex").exists()
+
+
 def test_an_overwrite_that_fails_part_way_keeps_the_old_new(remote, tmp_path, monkeypatch):
     new = tmp_path / "new"
     new.mkdir()
-    (new / "keep.txt").write_text("the earlier conversion")
+    earlier_conversion(new)
 
     def fails_after_the_weights(self, folder, *args, **kwargs):
         (Path(folder) / "tokenizer.json").write_text("{half")
@@ -824,7 +864,7 @@ def test_an_overwrite_that_fails_part_way_keeps_the_old_new(remote, tmp_path, mo
     with pytest.raises(OSError, match=rf"{new}: No space left on device .*{new} is as it was"):
         convert(remote, new, overwrite=True)
     assert _left_in(tmp_path) == ["new"]
-    assert _left_in(new) == ["keep.txt"]
+    assert _left_in(new) == ["config.json", "keep.txt"]
 
 
 def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_path, monkeypatch):
@@ -832,7 +872,7 @@ def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_p
 
     new = tmp_path / "new"
     new.mkdir()
-    (new / "keep.txt").write_text("the earlier conversion")
+    earlier_conversion(new)
     real, moves_in = os.replace, []
 
     def fails_moving_the_conversion_in(source, target):
@@ -846,27 +886,27 @@ def test_an_overwrite_that_fails_at_the_swap_puts_the_old_new_back(remote, tmp_p
     with pytest.raises(OSError, match=r"Input/output error"):
         convert(remote, new, overwrite=True)
     assert _left_in(tmp_path) == ["new"]
-    assert _left_in(new) == ["keep.txt"]
+    assert _left_in(new) == ["config.json", "keep.txt"]
 
 
 def test_an_overwrite_through_a_link_keeps_the_link_and_the_folder_s_mode(remote, tmp_path):
     disk = tmp_path / "big-disk" / "model"
     disk.mkdir(parents=True)
-    (disk / "stale.txt").write_text("from before")
+    earlier_conversion(disk)
     disk.chmod(0o700)
     link = tmp_path / "current"
     link.symlink_to(disk)
     convert(remote, link, overwrite=True)
     assert link.is_symlink() and link.resolve() == disk
-    assert checkpoint_layout(disk) == "native" and not (disk / "stale.txt").exists()
+    assert checkpoint_layout(disk) == "native" and not (disk / "keep.txt").exists()
     assert disk.stat().st_mode & 0o777 == 0o700
 
 
 def test_an_overwrite_replaces_the_old_new_whole(remote, tmp_path):
     new = tmp_path / "new"
     new.mkdir()
-    (new / "stale.txt").write_text("from before")
+    earlier_conversion(new)
     convert(remote, new, overwrite=True)
     assert checkpoint_layout(new) == "native"
-    assert not (new / "stale.txt").exists()
+    assert not (new / "keep.txt").exists()
     assert _left_in(tmp_path) == ["new"]

@@ -223,6 +223,47 @@ def check_folder_output(target: PathLike, inputs: Iterable[PathLike], name: str 
             )
 
 
+def check_folder_replaceable(target: PathLike, name: str = "NEW") -> None:
+    """Refuse to replace a folder whole unless losing it loses nothing the user made.
+
+    A folder is replaced only if it is empty or holds a Florence-2 checkpoint or adapter (a
+    ``config.json`` of ``model_type`` ``"florence2"``, or an ``adapter_config.json``); never
+    the current folder, the home folder, or a folder holding either.
+
+    Raises:
+        OutputError: Naming what replacing the folder would lose.
+    """
+    folder = resolved(target)
+    for kept, what in ((os.getcwd(), "the current folder"), ("~", "your home folder")):
+        real = resolved(kept)
+        if os.path.commonpath([real, folder]) == folder:
+            raise OutputError(
+                f"{name} {os.fspath(target)} is or holds {what}: it would be replaced whole. "
+                "Give the name of a new folder."
+            )
+    path = Path(folder)
+    if not path.is_dir() or not any(path.iterdir()) or _holds_model(path):
+        return
+    raise OutputError(
+        f"{name} {os.fspath(target)} holds files that are not a Florence-2 checkpoint or "
+        "adapter: replacing it would delete them. Move them away or choose another folder."
+    )
+
+
+def _holds_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a Florence-2 checkpoint (either layout) or a LoRA adapter."""
+    import json
+
+    if (folder / "adapter_config.json").is_file():
+        return True
+    try:
+        with open(folder / "config.json", "rb") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "florence2"
+
+
 def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]) -> Path:
     """Write a whole file so that it is either entirely the new one or still the old one.
 

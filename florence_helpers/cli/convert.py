@@ -19,7 +19,11 @@ def convert_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("old", help="the remote-code checkpoint or adapter folder")
     parser.add_argument("new", help="the folder to write (must not exist yet)")
-    parser.add_argument("--overwrite", action="store_true", help="replace NEW if it exists")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace NEW if it holds an earlier conversion (a checkpoint or adapter)",
+    )
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 

@@ -112,8 +112,10 @@ def convert_checkpoint(
             or of a community fine-tune).
         new: The folder to write. It must not exist, or be empty, unless ``overwrite``; it
             can never be a file, ``old`` itself or a folder holding ``old``.
-        overwrite: Replace an existing ``new``. It is replaced only once the new copy is
-            complete: if anything fails, it stays as it was.
+        overwrite: Replace an existing ``new`` that holds an earlier conversion (a
+            Florence-2 checkpoint or adapter; never other files, the current folder or the
+            home folder). It is replaced only once the new copy is complete: if anything
+            fails, it stays as it was.
 
     Returns:
         ``new`` as a :class:`~pathlib.Path`.
@@ -445,7 +447,9 @@ def convert(old: str | os.PathLike, new: str | os.PathLike, *, overwrite: bool =
     Raises:
         CheckpointError: ``old`` cannot be converted (the message names the file and what is
             wrong), or ``new`` exists and is not empty (without ``overwrite``).
-        OutputError: ``new`` is a file, or is (or holds) ``old``.
+        OutputError: ``new`` is a file, is (or holds) ``old``, or would replace what
+            ``overwrite`` may not (files that are not an earlier conversion, the current or
+            home folder).
         OSError: Writing failed; the message names ``new`` and the reason, and nothing is
             left behind (an existing ``new`` is as it was).
     """

@@ -16,7 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..boundary.outputs import OutputError, check_folder_output, resolved
+from ..boundary.outputs import (
+    OutputError,
+    check_folder_output,
+    check_folder_replaceable,
+    resolved,
+)
 from .weight_files import CheckpointError, _first_line
 
 
@@ -27,6 +32,9 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
         OutputError: ``target`` is (or holds) ``source``, is not a folder, or cannot be one
             (a file stands where one of its parent folders would be).
         CheckpointError: ``target`` is a folder that is not empty, and not ``overwrite``.
+        OutputError: ``target`` is the current or home folder (or holds one), or holds files
+            that are not a Florence-2 checkpoint or adapter: even ``overwrite`` replaces only
+            what ``convert`` writes.
         OSError: ``target`` exists but cannot be listed.
     """
     check_folder_output(target, [source])
@@ -45,6 +53,7 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
                 f"{target} already exists and is not empty: choose a new folder, or replace "
                 "it with --overwrite (overwrite=True)."
             )
+        check_folder_replaceable(target)
         return
     parent = target.parent
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
