@@ -344,3 +344,36 @@ def test_region_samples_are_one_per_object(tmp_path):
     assert (second.sample_id, second.labels) == ("coco.json image 2 (b.png) object 1", ("cat",))
     with pytest.raises(ValueError, match="not OCR"):
         read_coco(path, task="OCR")
+
+
+@pytest.mark.parametrize("kind", ["shapes", "receipts"])
+def test_sample_data_never_replaces_a_dataset_it_did_not_write(tmp_path, kind):
+    import os
+
+    from florence_helpers.boundary.outputs import OutputError
+    from florence_helpers.training.sample_data import make_receipts
+
+    make, index = (
+        (make_shapes_dataset, "annotations.json")
+        if kind == "shapes"
+        else (make_receipts, "qa.jsonl")
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / index).write_text('{"images": ["my 5000 hand labels"]}\n')
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    os.symlink(mine / index, linked / index)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    for folder in (mine, linked, other):
+        with pytest.raises(OutputError, match="could replace a dataset of yours"):
+            make(folder, num_images=1)
+    assert (mine / index).read_text() == '{"images": ["my 5000 hand labels"]}\n'
+    names = ["linked", index, index, "mine", "notes.txt", "other"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(names)
+    ours = tmp_path / "ours"
+    first = make(ours, num_images=2, seed=1).read_bytes()
+    again = make(ours, num_images=2, seed=2)  # a re-run replaces what it wrote before
+    assert again.read_bytes() != first and not list(ours.glob(".*"))

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..boundary.inputs import expand_path
+from ..boundary.outputs import OutputError, write_atomically
 from ..language.regions import xyxy_to_xywh
 
 SHAPES = ("circle", "square", "triangle")
@@ -31,7 +35,8 @@ def make_shapes_dataset(
     """Write ``num_images`` images of shapes and their boxes in COCO format to ``folder``.
 
     Args:
-        folder: Output directory (created; files already there are overwritten).
+        folder: Output directory: created, or empty, or one this function wrote before (its
+            files are then replaced; nothing else is).
         num_images: Images to draw.
         image_size: ``(width, height)`` of every image.
         max_shapes: Each image holds 1 to ``max_shapes`` shapes that do not overlap.
@@ -40,6 +45,10 @@ def make_shapes_dataset(
     Returns:
         The path of ``annotations.json``; the images sit beside it.
 
+    Raises:
+        OutputError: ``folder`` holds files and no ``annotations.json`` written here (a
+            dataset of yours would be overwritten), or is a file.
+
     Example:
         >>> import tempfile
         >>> path = make_shapes_dataset(tempfile.mkdtemp(), num_images=2, seed=1)
@@ -47,8 +56,7 @@ def make_shapes_dataset(
         >>> [c["name"] for c in data["categories"]], len(data["images"])
         (['circle', 'square', 'triangle'], 2)
     """
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _sample_folder(folder, "annotations.json", _is_our_shapes)
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
     width, height = image_size
@@ -78,12 +86,12 @@ def make_shapes_dataset(
                 }
             )
         name = f"shapes_{number:03d}.jpg"
-        image.save(out / name, quality=92)
+        _save(image, out / name, "JPEG", quality=92)
         images.append({"id": number, "file_name": name, "width": width, "height": height})
     path = out / "annotations.json"
     dataset = {
         "info": {
-            "description": f"Synthetic shapes from florence_helpers.training (seed {seed})",
+            "description": f"{_SHAPES_DESCRIPTION} (seed {seed})",
             "license": "CC0-1.0",
         },
         "licenses": [{"id": 1, "name": "CC0-1.0"}],
@@ -91,8 +99,59 @@ def make_shapes_dataset(
         "categories": categories,
         "annotations": annotations,
     }
-    path.write_text(json.dumps(dataset, indent=1))
+    write_atomically(path, json.dumps(dataset, indent=1).encode())
     return path
+
+
+_SHAPES_DESCRIPTION = "Synthetic shapes from florence_helpers.training"
+
+
+def _sample_folder(folder: str | Path, index: str, is_ours: Callable[[Path], bool]) -> Path:
+    """``folder``, created, if it is empty or holds sample data written here before.
+
+    Raises:
+        OutputError: The folder holds other files: the user's own dataset could be lost.
+    """
+    out = expand_path(folder)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{folder} is a file, not a folder: give a folder for the sample data.")
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / index
+        if marker.is_symlink() or not marker.is_file() or not is_ours(marker):
+            raise OutputError(
+                f"{folder} already holds files, and no {index} that this function wrote: "
+                "writing the sample data there could replace a dataset of yours. Give a new "
+                "or empty folder."
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _is_our_shapes(path: Path) -> bool:
+    try:
+        info = json.loads(path.read_bytes()).get("info", {})
+        return str(info.get("description", "")).startswith(_SHAPES_DESCRIPTION)
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+def _is_our_receipts(path: Path) -> bool:
+    try:
+        records = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    except (OSError, ValueError, RecursionError):
+        return False
+    return all(
+        isinstance(r, dict)
+        and r.keys() == {"image", "question", "answer"}
+        and r["question"] in QUESTIONS
+        and re.fullmatch(r"receipt_\d{3,}\.png", str(r["image"])) is not None
+        for r in records
+    )
+
+
+def _save(image: Image.Image, path: Path, kind: str, **options: int) -> None:
+    """Save through the one way out: whole or not at all, never into another hard link."""
+    write_atomically(path, lambda handle: image.save(handle, format=kind, **options))
 
 
 def _background(
@@ -191,7 +250,8 @@ def make_receipts(
     here, the images carry no third-party rights (CC0).
 
     Args:
-        folder: Output directory (created; files already there are overwritten).
+        folder: Output directory: created, or empty, or one this function wrote before (its
+            files are then replaced; nothing else is).
         num_images: Receipts to draw.
         image_size: ``(width, height)`` of every receipt.
         seed: Seed for everything random.
@@ -199,6 +259,9 @@ def make_receipts(
     Returns:
         The path of ``qa.jsonl`` (``image``, ``question``, ``answer`` per line); the images
         sit beside it.
+
+    Raises:
+        OutputError: ``folder`` holds files and no ``qa.jsonl`` written here, or is a file.
 
     Example:
         >>> import tempfile
@@ -208,8 +271,7 @@ def make_receipts(
     """
     from PIL import ImageFont
 
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _sample_folder(folder, "qa.jsonl", _is_our_receipts)
     rng = random.Random(seed)
     font = ImageFont.load_default(size=26)
     big = ImageFont.load_default(size=34)
@@ -235,9 +297,9 @@ def make_receipts(
         draw.text((40, y + 30), "TOTAL", fill="black", font=big)
         draw.text((image_size[0] - 150, y + 30), total, fill="black", font=big)
         name = f"receipt_{number:03d}.png"
-        image.save(out / name)
+        _save(image, out / name, "PNG")
         for question, answer in zip(QUESTIONS, (total, shop, date), strict=True):
             lines.append(json.dumps({"image": name, "question": question, "answer": answer}))
     path = out / "qa.jsonl"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
     return path
