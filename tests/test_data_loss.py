@@ -447,3 +447,33 @@ def test_an_image_of_an_unknown_users_home_is_not_found_in_one_line(
     code, err = main(capsys, "~no_such_user_f2/cat.png", "--device", "cpu")
     assert code == 2 and "not found" in err.lower(), err
     assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
+    load_tiny, tiny_model_dir, tmp_path, monkeypatch
+):
+    from florence_helpers.boundary.outputs import OutputError
+    from florence_helpers.model.adapters import add_lora, merge_adapter, save_adapter, save_model
+
+    lora = add_lora(load_tiny(), rank=2, seed=0)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.iterdir())
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "tokenizer.json").write_text("my own tokenizer")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for save, model in ((save_adapter, lora), (save_model, merge_adapter(lora))):
+        for folder, message in (
+            (tiny_model_dir, "holds the input"),  # the model's own folder
+            (thesis, "holds files that are not"),
+            (".", "the current folder"),
+        ):
+            with pytest.raises(OutputError, match=message):
+                save(model, folder)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.iterdir()) == before
+    assert (thesis / "tokenizer.json").read_text() == "my own tokenizer"
+    first = save_adapter(lora, tmp_path / "adapter")
+    (first / "notes.txt").write_text("kept with the adapter")
+    again = save_adapter(lora, tmp_path / "adapter")  # an earlier save is replaced whole
+    assert again == first and not (again / "notes.txt").exists()
+    assert (again / "adapter_config.json").is_file()

@@ -12,13 +12,14 @@ import contextlib
 import dataclasses
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..boundary.inputs import expand_path
+from .convert_output import write_model_folder
 from .loading import FlorenceModel, is_peft
 
 LORA_TARGET_MODULES = (
@@ -83,13 +84,18 @@ def add_lora(
 
 
 def save_adapter(florence: FlorenceModel, path: str | Path) -> Path:
-    """Write the LoRA adapter (a few MB) and the processor to ``path``."""
+    """Write the LoRA adapter (a few MB) and the processor to the folder ``path``.
+
+    The folder is written whole: created, or replaced if it holds an earlier adapter or model
+    (never a folder with other files, nor the model's own folder).
+
+    Raises:
+        TypeError: The model has no adapter.
+        OutputError: ``path`` may not be written or replaced.
+    """
     if not is_peft(florence.model):
         raise TypeError("This model has no LoRA adapter: save it with save_model instead.")
-    out = Path(path)
-    florence.model.save_pretrained(out)
-    florence.processor.save_pretrained(out)
-    return out
+    return write_model_folder(path, _saver(florence), inputs=_model_folder(florence))
 
 
 def load_adapter(
@@ -415,13 +421,27 @@ def _short_hash(data: bytes) -> str:
 
 
 def save_model(florence: FlorenceModel, path: str | Path) -> Path:
-    """Write a full (or merged) model with its processor; ``load_model(path)`` reads it back."""
+    """Write a full (or merged) model with its processor; ``load_model(path)`` reads it back.
+
+    The folder is written as :func:`save_adapter` writes one (whole, never over other files).
+    """
     if is_peft(florence.model):
         raise TypeError("Merge the adapter first (merge_adapter), or save it with save_adapter.")
-    out = Path(path)
-    florence.model.save_pretrained(out)
-    florence.processor.save_pretrained(out)
-    return out
+    return write_model_folder(path, _saver(florence), inputs=_model_folder(florence))
+
+
+def _saver(florence: FlorenceModel) -> Callable[[Path], None]:
+    def write(folder: Path) -> None:
+        florence.model.save_pretrained(folder)
+        florence.processor.save_pretrained(folder)
+
+    return write
+
+
+def _model_folder(florence: FlorenceModel) -> list[Path]:
+    """The local folder the model was loaded from, which a save must never replace."""
+    folder = expand_path(str(florence.model_id))
+    return [folder] if folder.is_dir() else []
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

@@ -12,10 +12,11 @@ import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..boundary.inputs import expand_path
 from ..boundary.outputs import (
     OutputError,
     check_folder_output,
@@ -25,7 +26,29 @@ from ..boundary.outputs import (
 from .weight_files import CheckpointError, _first_line
 
 
-def _check_output(target: Path, source: Path, overwrite: bool) -> None:
+def write_model_folder(
+    path: str | os.PathLike, write: Callable[[Path], None], *, inputs: Sequence[Path] = ()
+) -> Path:
+    """Write a model or adapter folder whole with ``write(folder)``, through the one way out.
+
+    ``path`` is created, or replaced once the new folder is complete if it is empty or holds
+    an earlier model or adapter; never a folder holding other files, the current or home
+    folder, or one of ``inputs`` (the model's own folder).
+
+    Raises:
+        OutputError: ``path`` may not be written or replaced (the message says why).
+        OSError: Writing failed; ``path`` is as it was and nothing is left behind.
+    """
+    target = expand_path(path)
+    _check_output(target, inputs, overwrite=True, name="The folder")
+    with _written_atomically(target, overwrite=True) as folder:
+        write(folder)
+    return target
+
+
+def _check_output(
+    target: Path, source: Path | Sequence[Path], overwrite: bool, name: str = "NEW"
+) -> None:
     """Refuse an output folder before anything is read or written.
 
     Raises:
@@ -37,11 +60,11 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
             what ``convert`` writes.
         OSError: ``target`` exists but cannot be listed.
     """
-    check_folder_output(target, [source])
+    check_folder_output(target, [source] if isinstance(source, Path) else source, name)
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise OutputError(
-                f"NEW {target} exists and is not a folder: give the name of a folder to create "
+                f"{name} {target} exists and is not a folder: give the name of a folder to create "
                 "(or of an empty one)."
             )
         try:
@@ -53,14 +76,14 @@ def _check_output(target: Path, source: Path, overwrite: bool) -> None:
                 f"{target} already exists and is not empty: choose a new folder, or replace "
                 "it with --overwrite (overwrite=True)."
             )
-        check_folder_replaceable(target)
+        check_folder_replaceable(target, name)
         return
     parent = target.parent
     while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(
-            f"NEW {target} cannot be created: {parent} is a file, not a folder. Choose "
+            f"{name} {target} cannot be created: {parent} is a file, not a folder. Choose "
             "another place."
         )
 
