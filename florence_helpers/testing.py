@@ -24,12 +24,14 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .boundary.outputs import OutputError
 from .model.convert import (
     FLORENCE_SPECIAL_TOKENS,
     IMAGE_TOKEN,
     MICROSOFT_GENERATION_SETTINGS,
     POST_PROCESSOR_CONFIG,
 )
+from .model.convert_output import write_model_folder
 
 # Prompts the processor writes, and words that answers in the tests and notebooks use.
 _CORPUS = [
@@ -175,7 +177,7 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     running a task takes a fraction of a second instead of writing 1024 tokens of noise.
 
     Args:
-        path: Directory to create or overwrite.
+        path: Folder to create (or to replace whole, if it holds an earlier model).
         seed: Seed for the random weights.
 
     Returns:
@@ -222,19 +224,22 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
         TINY_ANSWER_LENGTH,
         _EOS_GROWTH_PER_TOKEN,
     )
-    out.mkdir(parents=True, exist_ok=True)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        (folder / "README.md").write_text(
+            "Tiny random-weight Florence-2 built by florence_helpers.testing.build_tiny_model.\n"
+            "Its answers are noise. It exists to test code offline.\n"
+        )
+
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
+        out = write_model_folder(out, write)
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    (out / "README.md").write_text(
-        "Tiny random-weight Florence-2 built by florence_helpers.testing.build_tiny_model.\n"
-        "Its answers are noise. It exists to test code offline.\n"
-    )
     return out
 
 
@@ -307,7 +312,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("directory", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    out = build_tiny_model(args.directory, seed=args.seed)
+    try:
+        out = build_tiny_model(args.directory, seed=args.seed)
+    except (OutputError, OSError) as error:
+        parser.exit(2, f"error: {error}\n")
     print(json.dumps({"tiny_model": str(out)}))
 
 
