@@ -162,21 +162,17 @@ def test_explicit_fp16_on_mps_warns():
 
 
 def test_token_probabilities_are_computed_in_float32(half, picture):
-    from florence_helpers.model.scores import token_logprobs
+    from florence_helpers.model.decoding import generate
 
     inputs = half.processor(text="<OD>", images=picture, return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(half.dtype)
+    settings = dict(max_new_tokens=6, num_beams=3)
     with torch.inference_mode():
         outputs = half.model.generate(
-            **inputs,
-            max_new_tokens=6,
-            num_beams=3,
-            return_dict_in_generate=True,
-            output_logits=True,
-            do_sample=False,
+            **inputs, **settings, return_dict_in_generate=True, output_logits=True, do_sample=False
         )
-    logprobs = token_logprobs(half.model, outputs)
-    assert logprobs.dtype == torch.float32
+    sequences, logprobs = generate(half, inputs, True, **settings)
+    assert torch.equal(sequences, outputs.sequences) and logprobs.dtype == np.float32
     first = torch.log_softmax(outputs.logits[0].float(), dim=-1)
     chosen = first[outputs.beam_indices[:, 0], outputs.sequences[:, 1]]
-    torch.testing.assert_close(logprobs[:, 0], chosen)
+    torch.testing.assert_close(torch.from_numpy(logprobs[:, 0]), chosen)

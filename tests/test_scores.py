@@ -253,3 +253,49 @@ def test_offsets_decode_like_the_tokenizer(processor, text):
     assert decoded == processor.tokenizer.decode(ids, skip_special_tokens=False) == text
     assert spans[0][0] == 0 and spans[-1][1] == len(text)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))
+
+
+@pytest.mark.parametrize("fast_beams", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("beams", [1, 3, 8])
+def test_scores_equal_transformers_transition_scores_without_keeping_the_logits(
+    florence, photo, beams, fast_beams
+):
+    """Reference: transformers' compute_transition_scores over output_logits, the documented
+    way; ours gathers the same numbers step by step, a few candidates per row."""
+    from florence_helpers.model import decoding
+
+    inputs = florence.processor(
+        text=["<OD>", "<OPEN_VOCABULARY_DETECTION>a red car on the left"],
+        images=[photo, photo],
+        return_tensors="pt",
+        padding="longest",
+    )
+    settings = dict(num_beams=beams, max_new_tokens=24, no_repeat_ngram_size=3)
+    with torch.inference_mode():
+        reference = florence.model.generate(
+            **inputs, **settings, do_sample=False, return_dict_in_generate=True, output_logits=True
+        )
+    expected = florence.model.compute_transition_scores(
+        reference.sequences,
+        reference.logits,
+        reference.beam_indices if beams > 1 else None,
+        normalize_logits=True,
+    )
+    kept = []
+    real = decoding.StepLogprobs.transition_logprobs
+
+    def spy(self, *args):
+        kept.extend(self._logprobs)
+        return real(self, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(decoding.StepLogprobs, "transition_logprobs", spy)
+        sequences, logprobs = decoding.generate(
+            florence, inputs, True, fast_beams=fast_beams, **settings
+        )
+    assert torch.equal(sequences, reference.sequences)
+    np.testing.assert_allclose(logprobs, expected.numpy(), atol=1e-5)
+    assert np.isfinite(logprobs).all() and (logprobs <= 0).all()
+    vocabulary = florence.model.config.text_config.vocab_size
+    assert {tuple(step.shape) for step in kept} == {(2 * beams, 4 * beams + 4)}
+    assert 4 * beams + 4 < vocabulary / 30  # rows x steps x 36 floats, not x the vocabulary

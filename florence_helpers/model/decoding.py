@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .loading import FlorenceModel
-from .scores import token_logprobs
+from .scores import StepLogprobs
 
 SHARED_KV_ATTENTION = "florence_shared_kv_sdpa"
 """The name under which the shared cross-attention function is registered with transformers."""
@@ -89,14 +89,24 @@ def generate(
     fast = fast_beams and beams > 1 and not static
     if fast:
         generate_kwargs.setdefault("past_key_values", beam_cache())
-    if with_scores:
-        generate_kwargs.update(return_dict_in_generate=True, output_logits=True)
+    searched = beams if "num_beams" in generate_kwargs else model.generation_config.num_beams
+    recorder = StepLogprobs(searched or 1) if with_scores else None
+    watching = recorder.watching(model) if recorder else contextlib.nullcontext()
+    if recorder:
+        from transformers import LogitsProcessorList
+
+        given = generate_kwargs.get("logits_processor") or []
+        generate_kwargs.update(
+            return_dict_in_generate=True, logits_processor=LogitsProcessorList([*given, recorder])
+        )
     sharing = sharing_cross_attention(model, beams) if fast else contextlib.nullcontext()
-    with torch.inference_mode(), sharing:
+    with torch.inference_mode(), sharing, watching:
         outputs = model.generate(**inputs, do_sample=False, **generate_kwargs)
-        if not with_scores:
-            return outputs, None
-        return outputs.sequences, token_logprobs(model, outputs).float().cpu().numpy()
+    if recorder is None:
+        return outputs, None
+    beam_indices = getattr(outputs, "beam_indices", None)
+    logprobs = recorder.transition_logprobs(outputs.sequences, beam_indices)
+    return outputs.sequences, logprobs.cpu().numpy()
 
 
 def for_rows(generate_kwargs: dict[str, Any], rows: list[int]) -> dict[str, Any]:

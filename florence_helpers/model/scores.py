@@ -1,9 +1,10 @@
 """Confidence scores for Florence-2 answers, computed from the model's own token probabilities.
 
-The native transformers processor parses no scores. Here, generation keeps the raw logits of
-every step (``output_logits=True``); ``compute_transition_scores`` (with the beam indices under
-beam search) turns them into the log-probability the model gave each token it emitted, before
-any logits processor (repetition rules, forced tokens) touched them.
+The native transformers processor parses no scores. Here, generation records the log-probability
+the model gave each token it emitted, before any logits processor (repetition rules, forced
+tokens) touched it: the numbers ``compute_transition_scores`` computes from
+``output_logits=True``, gathered step by step (:class:`StepLogprobs`) instead of keeping every
+step's whole vocabulary for every beam.
 
 Each parsed instance (a box, a polygon instance, an OCR line) is traced back to the tokens it
 was parsed from, by running the native parser's own patterns over the decoded text with
@@ -23,7 +24,9 @@ product of its tokens' probabilities: the probability the model gave that whole 
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -36,21 +39,76 @@ from ..language.results import AnyResult, TextResult
 from ..language.tasks import TaskSpec
 
 
-def token_logprobs(model: Any, outputs: Any) -> torch.Tensor:
-    """Log-probability of each generated token, shape ``(rows, steps)``.
+class StepLogprobs:
+    """Each generated token's log-probability, kept step by step in memory that does not grow
+    with the vocabulary.
 
-    Column ``j`` belongs to ``outputs.sequences[:, j + 1]`` (position 0 is the decoder start
-    token). Needs ``generate(..., return_dict_in_generate=True, output_logits=True)``. The
-    softmax runs in float32 whatever the model's dtype (transformers 5 already hands the
-    logits over in float32; ``.float()`` keeps it so): in bf16 it would round a probability of
-    0.99 to 1.0 and lose the differences between confident answers.
+    ``generate(output_logits=True)`` keeps every step's logits for every beam: rows x steps x
+    vocabulary floats (1.7 GB for one image at 8 beams and 1024 tokens with Florence-2's 51k
+    tokens). This keeps, per step and row, only the few tokens the search can still choose
+    from (the highest processed scores) with their log-probability under the raw logits,
+    the distribution before any logits processor (repetition rules, forced tokens) touched
+    it, as ``compute_transition_scores(..., normalize_logits=True)`` gives it. The softmax
+    runs in float32 whatever the model's dtype: in bf16 it would round a probability of 0.99
+    to 1.0.
+
+    Use it as the last logits processor while :meth:`watching` the model, then call
+    :meth:`transition_logprobs` with the sequences and beam indices ``generate`` returned.
     """
-    return model.compute_transition_scores(
-        outputs.sequences,
-        tuple(step.float() for step in outputs.logits),
-        getattr(outputs, "beam_indices", None),
-        normalize_logits=True,
-    )
+
+    def __init__(self, num_beams: int) -> None:
+        # Beam search picks each row's next tokens among its top max(2, 1 + EOS ids) x beams
+        # processed scores; twice that leaves room for ties at the boundary.
+        self.keep = 4 * max(num_beams, 1) + 4
+        self._raw: torch.Tensor | None = None
+        self._tokens: list[torch.Tensor] = []
+        self._logprobs: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def watching(self, model: Any) -> Iterator[None]:
+        """Read the output layer's logits at every decoding step while the block runs."""
+
+        def keep_last_position(module: Any, inputs: Any, output: torch.Tensor) -> None:
+            self._raw = output[:, -1, :]
+
+        handle = model.get_output_embeddings().register_forward_hook(keep_last_position)
+        try:
+            yield
+        finally:
+            handle.remove()
+            self._raw = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self._raw is None or self._raw.shape[0] != scores.shape[0]:
+            raise RuntimeError("StepLogprobs saw no logits for this step: use it in watching().")
+        raw = torch.log_softmax(self._raw.float(), dim=-1)
+        top = scores.topk(min(self.keep, scores.shape[-1]), dim=-1).indices
+        self._tokens.append(top)
+        self._logprobs.append(raw.gather(-1, top))
+        self._raw = None
+        return scores
+
+    def transition_logprobs(
+        self, sequences: torch.Tensor, beam_indices: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Log-probability of each generated token, shape ``(rows, steps)``, laid out as
+        ``compute_transition_scores`` lays it out: column ``j`` belongs to the ``j``-th of the
+        last ``steps`` tokens of ``sequences``; positions past a beam's end hold 0."""
+        tokens, values = torch.stack(self._tokens, 1), torch.stack(self._logprobs, 1)
+        if beam_indices is None:
+            beam_indices = torch.arange(sequences.shape[0]).view(-1, 1).expand(-1, len(tokens[0]))
+        beam_indices = beam_indices.to(tokens.device)
+        ended = beam_indices < 0
+        steps = int((~ended).sum(-1).max())
+        rows, ended = beam_indices[:, :steps].clamp(min=0), ended[:, :steps]
+        chosen = sequences[:, sequences.shape[-1] - steps :].to(tokens.device)
+        step = torch.arange(steps, device=tokens.device)
+        candidates, logprobs = tokens[rows, step], values[rows, step]
+        hit = candidates == chosen[..., None]
+        found = torch.where(hit, logprobs, torch.zeros_like(logprobs)).sum(-1)
+        found[~hit.any(-1)] = float("nan")  # never expected: a token outside the candidates
+        found[ended] = 0.0
+        return found
 
 
 def decode_with_offsets(tokenizer: Any, token_ids: list[int]) -> tuple[str, list[Span]]:
