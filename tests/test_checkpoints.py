@@ -910,3 +910,12 @@ def test_an_overwrite_replaces_the_old_new_whole(remote, tmp_path):
     assert checkpoint_layout(new) == "native"
     assert not (new / "keep.txt").exists()
     assert _left_in(tmp_path) == ["new"]
+
+
+def test_converted_and_saved_files_get_the_usual_mode(remote, tmp_path, load_tiny):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    adapter = save_adapter(add_lora(load_tiny(), rank=2, seed=0), tmp_path / "adapter")
+    for folder in (convert(remote, tmp_path / "new"), adapter):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -132,6 +132,7 @@ def _written_atomically(target: Path, overwrite: bool) -> Iterator[Path]:
         raise _write_error(error, shown, existed) from None
     try:
         yield folder
+        _usual_modes(folder)
         _replace_folder(folder, target)
     except BaseException as error:
         shutil.rmtree(folder, ignore_errors=True)
@@ -140,6 +141,15 @@ def _written_atomically(target: Path, overwrite: bool) -> Iterator[Path]:
         if written is None:
             raise
         raise _write_error(written, shown, existed) from None
+
+
+def _usual_modes(folder: Path) -> None:
+    """Give every file the mode a new file gets (0666 less the umask, read from the folder
+    made with it): transformers writes the weights through a 0600 temporary file."""
+    mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
 
 
 def _remove_empty(folders: list[Path]) -> None:
