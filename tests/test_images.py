@@ -172,3 +172,13 @@ def test_the_input_image_is_not_modified():
     before = rgba.tobytes()
     load_image(rgba)
     assert rgba.mode == "RGBA" and rgba.tobytes() == before
+
+
+def test_a_float_image_with_nan_and_infinities_loads_with_them_as_zero():
+    import warnings
+
+    array = np.array([[0.0, 0.5, 1.0], [np.nan, np.inf, -np.inf]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = load_image(Image.fromarray(array, mode="F"))
+    assert np.asarray(image)[..., 0].tolist() == [[0, 128, 255], [0, 0, 0]]
