@@ -252,3 +252,19 @@ def test_a_label_at_the_right_edge_moves_left_to_stay_inside_the_axes(grey, dpi)
             assert frame.y0 - 0.01 <= extent.y0 and extent.y1 <= frame.y1 + 0.01, (extent, frame)
         assert label.get_position() == (185, 40)  # still anchored at the box's corner
     plt.close(fig)
+
+
+@pytest.mark.parametrize(("epochs", "marker"), [(5, "s"), (600, "None")])
+def test_the_loss_plot_marks_epochs_only_while_they_stay_apart(epochs, marker):
+    from florence_helpers.training.config import TrainingHistory
+
+    history = TrainingHistory(
+        losses=[1.0 / (i + 1) for i in range(2 * epochs)],
+        learning_rates=[1e-3] * (2 * epochs),
+        epoch_losses=[1.0] * epochs,
+        validation_losses=[2.0] * epochs,
+    )
+    lines = {line.get_label(): line for line in history.plot().get_lines()}
+    assert lines["validation, after each epoch"].get_marker() == marker
+    assert lines["training, epoch mean"].get_marker() == ("o" if marker == "s" else "None")
+    plt.close("all")

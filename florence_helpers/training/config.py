@@ -10,6 +10,9 @@ from typing import Any
 
 _CHECKPOINT = "checkpoint.pt"
 
+_MOST_MARKERS = 40
+"""Epoch points drawn with a marker each; past this, lines only."""
+
 
 @dataclass
 class TrainingConfig:
@@ -101,11 +104,14 @@ class TrainingHistory:
         epochs = len(self.epoch_losses)
         per_epoch = len(self.losses) / epochs if epochs else 0
         ends = [round(per_epoch * (i + 1)) for i in range(epochs)]
+        marked = epochs <= _MOST_MARKERS  # hundreds of markers merge into one thick band
         if len(self.losses) > epochs > 0:  # several steps per epoch
-            ax.plot(ends, self.epoch_losses, "o-", label="training, epoch mean")
+            style = "o-" if marked else "-"
+            ax.plot(ends, self.epoch_losses, style, label="training, epoch mean")
         if self.validation_losses:
             shown = ends[: len(self.validation_losses)]
-            ax.plot(shown, self.validation_losses, "s--", label="validation, after each epoch")
+            style = "s--" if marked else "--"
+            ax.plot(shown, self.validation_losses, style, label="validation, after each epoch")
         title = "Training and validation loss" if self.validation_losses else "Training loss"
         ax.set(xlabel="optimizer step", ylabel="loss (log scale)", yscale="log", title=title)
         ax.legend()
