@@ -487,7 +487,14 @@ def test_a_file_name_too_long_to_open_is_an_image_error(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "source", ["~no_such_user_f2/cat.png", "file:///tmp/a%00b.png", "file:///~no_such_user_f2/x"]
+    "source",
+    [
+        "~no_such_user_f2/cat.png",
+        "file:///tmp/a%00b.png",
+        "file:///~no_such_user_f2/x",
+        "file://[/x.png",
+        "file://a]b/x.png",
+    ],
 )
 @pytest.mark.parametrize("folders", [None, ("/tmp",)])
 def test_odd_local_paths_are_image_load_errors(source, folders):
@@ -503,3 +510,12 @@ def test_any_local_path_is_a_path_or_an_input_error(text, folders):
     except InputError:
         return
     assert isinstance(path, Path)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_any_file_url_is_an_image_or_an_image_load_error(text):
+    try:
+        load_image("file://" + text)
+    except ImageLoadError:
+        pass

@@ -711,3 +711,59 @@ def test_the_fuzzing_reached_samples_and_problems():
     # Runs after the fuzz tests that ran (file order).
     for test, found in FOUND.items():
         assert found["samples"] >= 10 and found["problems"] >= 10, (test, found)
+
+
+# --- label files: a result edited by hand --------------------------------------------------
+
+RESULT_KEYS = ("boxes", "labels", "scores", "polygons", "quads", "texts", "text", "box")
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.dictionaries(st.sampled_from(RESULT_KEYS), json_values, min_size=1, max_size=4),
+    st.sampled_from(["<OD>", "<OCR_WITH_REGION>", "<REFERRING_EXPRESSION_SEGMENTATION>"]),
+)
+def test_any_result_in_a_label_file_is_read_or_named_by_its_line(tmp_path, result, task):
+    from florence_helpers.labelling import LabelFileError, export_coco, read_labels
+
+    record = {"image": "a.jpg", "path": "/x/a.jpg", "width": 10, "height": 10, "task": task}
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({**record, "error": None, "result": result}) + "\n")
+    try:
+        read_labels(labels, as_results=True)
+    except LabelFileError as error:
+        assert "labels.jsonl line 1" in str(error)
+    try:
+        dataset = export_coco(labels, tmp_path / "coco.json")
+    except LabelFileError as error:
+        assert "labels.jsonl line 1" in str(error) and "export again" in str(error)
+    else:
+        json.loads((tmp_path / "coco.json").read_text(), parse_constant=pytest.fail)
+        assert all(len(a["bbox"]) == 4 for a in dataset["annotations"])
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        {"boxes": [[1, 2]], "labels": ["a"]},
+        {"boxes": [[1, 2, 3, 4]]},
+        {"boxes": [[1, 2, 3, 4]], "labels": []},
+        {"boxes": [[1, 2, 3, 4]], "labels": [["x"]]},
+        {"boxes": "1 2 3 4", "labels": ["a"]},
+        {"boxes": [[1e400, 2, 3, 4]], "labels": ["x"]},
+        {"boxes": [[1, 2, 3, 4]], "labels": ["x"], "scores": [0.5, 0.6]},
+    ],
+)
+def test_a_hand_edited_result_is_a_label_file_error_not_a_crash(tmp_path, result):
+    from florence_helpers.labelling import LabelFileError, export_coco
+
+    record = {"image": "a.jpg", "path": "/x/a.jpg", "width": 10, "height": 10, "task": "<OD>"}
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({**record, "error": None, "result": result}) + "\n")
+    with pytest.raises(LabelFileError, match="line 1: its result cannot be read"):
+        export_coco(labels, tmp_path / "coco.json")
+    with pytest.raises(LabelFileError, match="Record 1: its result cannot be read"):
+        export_coco([{**record, "error": None, "result": result}], tmp_path / "coco.json")
+    assert not (tmp_path / "coco.json").exists()

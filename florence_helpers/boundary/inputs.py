@@ -219,7 +219,10 @@ def is_url(source: str) -> bool:
 def local_path(source: str) -> str:
     """The local path a source names: a ``file://`` URL's path, or the text itself."""
     if source[:7].lower() == "file://":
-        return urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+        try:
+            return urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+        except ValueError:  # "file://[/x": not a URL (an unmatched bracket); a plain name then
+            return source
     return source
 
 

@@ -93,7 +93,13 @@ def label_main(argv: Sequence[str]) -> int:
         file=sys.stderr,
     )
     if args.coco:
-        dataset = export_coco(summary.output, args.coco)
+        from ..labelling import LabelFileError
+
+        try:
+            dataset = export_coco(summary.output, args.coco)
+        except LabelFileError as error:
+            message = f"{error} The labels are written; no COCO file was."
+            raise _Refused(message, EXIT_BAD_INPUT) from None
         print(f"wrote {len(dataset['annotations'])} boxes to {args.coco}", file=sys.stderr)
     return 0
 

@@ -58,7 +58,8 @@ def read_labels(
                 try:
                     record["result"] = record_result(record)
                 except (KeyError, TypeError, ValueError, IndexError) as error:
-                    _bad_line(file, number, f"its result cannot be read ({error})", on_error)
+                    reason = str(error).rstrip(".")
+                    _bad_line(file, number, f"its result cannot be read ({reason})", on_error)
                     continue
             records.append(record)
     return records
@@ -96,10 +97,13 @@ def _numbered_records(file: Path, on_error: str) -> Iterator[tuple[int, dict[str
         yield number, record
 
 
+_SKIP_HINT = " Pass on_error='skip' to read the other lines."
+
+
 def _bad_line(file: Path, number: int, problem: str, on_error: str) -> None:
     message = f"{file} line {number}: {problem}."
     if on_error == "raise":
-        raise LabelFileError(message + " Pass on_error='skip' to read the other lines.")
+        raise LabelFileError(message + _SKIP_HINT)
     warnings.warn(f"Skipped {message}", stacklevel=4)
 
 
@@ -124,6 +128,7 @@ def export_coco(
     Raises:
         OutputError: ``output`` is the label file itself, or an existing file that is not a
             COCO JSON file (a label file, a model's config).
+        LabelFileError: A record whose result cannot be read (named by file and line).
 
     Example:
         >>> export_coco("detections.jsonl", "detections.coco.json")  # doctest: +SKIP
@@ -135,12 +140,19 @@ def export_coco(
         [] if isinstance(labels, list) else [labels],
         holds={"the COCO file": "COCO JSON"},
     )
-    records = read_labels(labels) if not isinstance(labels, list) else labels
+    if isinstance(labels, list):
+        records = labels
+    else:  # a result that cannot be read is named by its file and line here
+        try:
+            records = read_labels(labels, as_results=True)
+        except LabelFileError as error:
+            fix = " Fix or delete that line, then export again."
+            raise LabelFileError(str(error).removesuffix(_SKIP_HINT) + fix) from None
     categories: dict[str, int] = {}
     images, annotations = [], []
-    for record in records:
+    for number, record in enumerate(records, start=1):
         result = record.get("result")
-        if record.get("error") or not result:
+        if record.get("error") or result is None or result == {}:
             continue
         image_id = len(images) + 1
         images.append(
@@ -151,7 +163,12 @@ def export_coco(
                 "height": record["height"],
             }
         )
-        parsed = record_result(record)
+        try:
+            parsed = record_result(record)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            reason = str(error).rstrip(".")
+            message = f"Record {number}: its result cannot be read ({reason})."
+            raise LabelFileError(message) from None
         if not isinstance(parsed, BoxesResult | PolygonsResult):
             continue
         for name in parsed.labels:
@@ -164,5 +181,5 @@ def export_coco(
         "categories": [{"id": i, "name": name} for name, i in categories.items()],
         "annotations": annotations,
     }
-    write_atomically(output, json.dumps(dataset).encode("utf-8"))
+    write_atomically(output, json.dumps(dataset, allow_nan=False).encode("utf-8"))
     return dataset

@@ -188,8 +188,12 @@ class BoxesResult(_Instances, Result):
 
     @classmethod
     def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
-        boxes = np.asarray(data["boxes"], dtype=np.float32).reshape(-1, 4)
-        return {"boxes": boxes, "labels": list(data["labels"]), "scores": _read_scores(data)}
+        boxes = _coordinates(data, "boxes", (-1, 4), "boxes of four numbers")
+        return {
+            "boxes": boxes,
+            "labels": _strings(data, "labels", len(boxes)),
+            "scores": _read_scores(data, len(boxes)),
+        }
 
 
 @dataclass
@@ -213,11 +217,18 @@ class PolygonsResult(_Instances, Result):
 
     @classmethod
     def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        instances = data["polygons"]
+        if not isinstance(instances, list) or not all(isinstance(i, list) for i in instances):
+            raise ValueError("polygons must be a list of instances, each a list of polygons.")
         polygons = [
-            [np.asarray(p, dtype=np.float32).reshape(-1, 2) for p in instance]
-            for instance in data["polygons"]
+            [_coordinates({"polygons": p}, "polygons", (-1, 2), "points") for p in instance]
+            for instance in instances
         ]
-        return {"polygons": polygons, "labels": list(data["labels"]), "scores": _read_scores(data)}
+        return {
+            "polygons": polygons,
+            "labels": _strings(data, "labels", len(polygons)),
+            "scores": _read_scores(data, len(polygons)),
+        }
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -252,17 +263,55 @@ class OCRResult(_Instances, Result):
 
     @classmethod
     def _from_payload(cls, data: Mapping[str, Any]) -> dict[str, Any]:
-        quads = np.asarray(data["quads"], dtype=np.float32).reshape(-1, 4, 2)
-        return {"quads": quads, "texts": list(data["texts"]), "scores": _read_scores(data)}
+        quads = _coordinates(data, "quads", (-1, 4, 2), "quadrilaterals of four points")
+        return {
+            "quads": quads,
+            "texts": _strings(data, "texts", len(quads)),
+            "scores": _read_scores(data, len(quads)),
+        }
 
 
 def _scores(result: Any) -> dict[str, Any]:
     return {} if result.scores is None else {"scores": np.asarray(result.scores).tolist()}
 
 
-def _read_scores(data: Mapping[str, Any]) -> np.ndarray | None:
-    scores = data.get("scores")
-    return None if scores is None else np.asarray(scores, dtype=np.float32)
+def _read_scores(data: Mapping[str, Any], count: int) -> np.ndarray | None:
+    if data.get("scores") is None:
+        return None
+    scores = _coordinates(data, "scores", (-1,), "numbers")
+    if len(scores) != count:
+        raise ValueError(f"scores holds {len(scores)} numbers for {count} instances.")
+    return scores
+
+
+def _coordinates(data: Mapping[str, Any], key: str, shape: tuple[int, ...], what: str) -> Any:
+    """``data[key]`` as a float32 array of ``shape``, every number finite, or a ValueError
+    saying what it must be (a result read back from a file may have been edited by hand)."""
+    values = data[key]
+    try:
+        if isinstance(values, str | bytes | Mapping):
+            raise TypeError
+        with np.errstate(over="ignore"):  # past float32's range: refused below as not finite
+            array = np.asarray(values, dtype=np.float32).reshape(shape)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{key} must be a list of {what}, got {str(values)[:60]}.") from None
+    if not np.isfinite(array).all():
+        raise ValueError(f"{key} holds a number that is not finite.")
+    return array
+
+
+def _strings(data: Mapping[str, Any], key: str, count: int) -> list[str]:
+    """``data[key]`` as ``count`` strings, one per instance, or a ValueError."""
+    values = data.get(key)
+    if (
+        not isinstance(values, list)
+        or len(values) != count
+        or not all(isinstance(v, str) for v in values)
+    ):
+        raise ValueError(
+            f"{key} must be {count} strings, one per instance, got {str(values)[:60]}."
+        )
+    return list(values)
 
 
 AnyResult = TextResult | BoxesResult | PolygonsResult | OCRResult
