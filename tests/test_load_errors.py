@@ -433,3 +433,21 @@ def test_a_refused_adapter_of_another_shape_leaves_the_base_model_as_it_was(
     with pytest.raises(AdapterError, match=r"does not fit this model"):
         load_adapter(florence, adapter_copy)
     _assert_untouched(florence, before)
+
+
+@pytest.mark.parametrize(
+    "change", [{"r": 100_000}, {"rank_pattern": {"fc1": 10**7}}], ids=["r", "rank_pattern"]
+)
+def test_a_rank_the_weights_do_not_have_is_refused_before_anything_is_allocated(
+    load_tiny, adapter_copy, change, monkeypatch
+):
+    import json
+
+    import peft
+
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    florence = load_tiny()
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=r"asks for rank \d+, but the adapter's weights have"):
+        load_adapter(florence, adapter_copy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -122,7 +123,9 @@ def load_adapter(
 
     folder = expand_path(path)
     weights = _check_adapter_folder(folder)
-    saved = _saved_weight_names(weights)
+    shapes = _saved_weight_shapes(weights)
+    _check_ranks(folder, shapes)
+    saved = set(shapes)
     had_config = "peft_config" in vars(florence.model)
     try:
         with _quiet_peft():
@@ -266,8 +269,39 @@ def _check_adapter_folder(folder: Path) -> Path:
     )
 
 
-def _saved_weight_names(weights: Path) -> set[str]:
-    """The tensor names in an adapter's weight file, which is checked whole first.
+_LORA_A = re.compile(r"lora_(?:embedding_)?A(?:\.|$)")
+
+
+def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before peft allocates anything, a configuration asking for a larger rank than
+    the weight file holds: the LoRA matrices are made at the configured rank, so a 40 kB
+    folder saying ``r: 1000000`` would ask for gigabytes before failing on a size mismatch.
+
+    The rank of a saved tensor is the first dimension of a ``lora_A`` (or
+    ``lora_embedding_A``) matrix.
+    """
+    config = read_adapter_config(folder)
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{folder / 'adapter_config.json'}: rank_pattern must be an object.")
+    asked = [config.get("r"), *pattern.values()]
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in asked):
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'}: every rank (r, rank_pattern) must be a whole "
+            "number of at least 1."
+        )
+    saved = [shape[0] for name, shape in shapes.items() if _LORA_A.search(name) and shape]
+    if saved and max(asked) > max(saved):
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'} asks for rank {max(asked)}, but the adapter's "
+            f"weights have rank {max(saved)} at most: the configuration does not belong to "
+            "these weights."
+        )
+
+
+def _saved_weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in an adapter's weight file, which is checked whole first
+    (a safetensors file's shapes are read from its header, nothing is loaded).
 
     Raises:
         AdapterError: The file is damaged or cut short, or a ``.bin`` is a pickle holding
@@ -280,7 +314,7 @@ def _saved_weight_names(weights: Path) -> set[str]:
 
         try:
             with safe_open(weights, "pt") as handle:
-                return set(handle.keys())
+                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         except OSError as error:
             raise AdapterError(f"Could not read {weights}: {error.strerror or error}.") from None
         except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
@@ -290,7 +324,7 @@ def _saved_weight_names(weights: Path) -> set[str]:
                 "download the adapter again."
             ) from None
     try:
-        return set(read_weight_file(weights))
+        return {k: tuple(v.shape) for k, v in read_weight_file(weights).items()}
     except CheckpointError as error:
         raise AdapterError(str(error).replace("the checkpoint", "the adapter")) from None
 
