@@ -250,6 +250,7 @@ def test_ctrl_c_exits_130_saying_what_was_written(photos, tmp_path, tiny_model_d
     [
         (["--device", "banana"], 2, "banana"),
         (["--num-beams", "0"], 2, "num_beams"),
+        (["--task", ""], 2, "Unknown Florence-2 task ''"),
     ],
 )
 def test_cli_settings_fail_in_one_line(args, code, message, capsys, no_model):

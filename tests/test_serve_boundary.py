@@ -214,6 +214,14 @@ def test_images_come_as_base64_or_data_urls_with_the_same_answer(florence, calls
     assert uploaded == as_base64 == as_data_url
 
 
+def test_an_upload_and_an_image_field_of_one_name_are_two_images(florence, calls):
+    encoded = base64.b64encode(picture()).decode()
+    with running_server(florence) as url:
+        both = upload(url, image=encoded)
+    assert both.status_code == 400 and "Give one image" in error_of(both)["message"]
+    assert calls == []
+
+
 def test_a_pixel_bomb_is_refused_before_decoding(florence, calls, monkeypatch):
     buffer = io.BytesIO()
     Image.new("1", (13000, 13000)).save(buffer, "PNG")

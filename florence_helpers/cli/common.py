@@ -87,8 +87,9 @@ def _task_and_classes(args: argparse.Namespace, default: str | None) -> TaskSpec
     if args.classes is None:
         if args.task is None and default is None:
             raise TaskInputError("Give --task (e.g. --task OD) or --classes.")
-        return task_spec(args.task or default)
-    spec = task_spec(args.task or "OPEN_VOCABULARY_DETECTION")
+        return task_spec(args.task if args.task is not None else default)
+    given = args.task if args.task is not None else "OPEN_VOCABULARY_DETECTION"
+    spec = task_spec(given)
     if spec.task is not Task.OPEN_VOCABULARY_DETECTION:
         raise TaskInputError(
             f"--classes runs open-vocabulary detection per class; it does not go with --task "

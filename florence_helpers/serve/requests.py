@@ -88,6 +88,8 @@ async def _form_fields(request: Any, limit: int) -> tuple[dict[str, Any], bytes 
         raise RequestError(
             "body", "The form could not be read (malformed or too large).", 400
         ) from None
+    if len(form.getlist("image")) > 1:  # a text field and an upload of one name, or two
+        raise RequestError("image", "Give one image: an upload, an image field or a url.", 400)
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
