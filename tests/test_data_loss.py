@@ -478,3 +478,37 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
     again = save_adapter(lora, tmp_path / "adapter")  # an earlier save is replaced whole
     assert again == first and not (again / "notes.txt").exists()
     assert (again / "adapter_config.json").is_file()
+
+
+def test_a_path_starting_with_a_tilde_is_the_home_folder_everywhere(
+    load_tiny, photos, tmp_path, monkeypatch
+):
+    """One spelling, one file: "~/x" given to any reader or writer is $HOME/x (a round found
+    resume looking in ./~ while saving went to $HOME, and --retry-errors rewriting $HOME's
+    file from ./~'s)."""
+    from florence_helpers.training import TrainingConfig, make_shapes_dataset, read_coco, train
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (photos / "broken.jpg").write_bytes(b"not a picture")  # an error record to retry
+    florence = load_tiny()
+    settings = dict(progress=False, max_new_tokens=5, num_beams=1)
+    first = label(florence, str(photos), "CAPTION", "~/labels.jsonl", **settings)
+    again = label(florence, str(photos), "CAPTION", "~/labels.jsonl", retry_errors=True, **settings)
+    assert first.written == 4 and first.errors == 1 and again.retried == 1
+    assert len(read_labels("~/labels.jsonl")) == 4 == len(read_labels(home / "labels.jsonl"))
+    export_coco("~/labels.jsonl", "~/labels.coco.json")
+    assert (home / "labels.coco.json").is_file()
+
+    shapes = make_shapes_dataset("~/shapes", num_images=2, image_size=(64, 48))
+    assert shapes == home / "shapes" / "annotations.json"
+    samples = read_coco(json.loads(shapes.read_text()), images_dir="~/shapes")
+    config = dict(batch_size=2, checkpoint_dir="~/runs", mixed_precision=False)
+    first_run = train(florence, samples, TrainingConfig(epochs=1, **config), progress=False)
+    resumed = train(florence, samples, TrainingConfig(epochs=2, **config), progress=False)
+    assert (home / "runs" / "checkpoint.pt").is_file()
+    assert resumed.losses[: len(first_run.losses)] == first_run.losses  # resumed, not redone
+    assert not (work / "~").exists()

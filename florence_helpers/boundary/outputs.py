@@ -351,7 +351,7 @@ class Appender:
     def open(cls, path: PathLike, *, keep: int | None = None) -> Any:
         """Open ``path`` for appending (creating it); ``keep`` cuts it to that many bytes
         first (the torn last line of an interrupted run)."""
-        target = Path(os.fspath(path))
+        target = Path(os.path.expanduser(os.fspath(path)))
         handle = open(target, "r+b" if target.exists() else "w+b", buffering=0)  # noqa: SIM115
         try:
             if keep is not None and keep != os.fstat(handle.fileno()).st_size:

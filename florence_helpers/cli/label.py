@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..boundary.images import ImageLoadError
+from ..boundary.inputs import expand_path
 from ..boundary.outputs import check_outputs
 from ..language.prompts import build_prompt
 from ..language.tasks import TaskSpec
@@ -116,7 +117,7 @@ def _checked_before_loading(
     from ..model.loading import resolve_model_id
 
     spec = _task_and_classes(args, default=None)
-    if not Path(args.folder).is_dir():
+    if not expand_path(args.folder).is_dir():
         raise ImageLoadError(f"Not a folder: {args.folder}")
     if args.classes is None:
         build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)

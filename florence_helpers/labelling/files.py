@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import is_url, local_path
+from ..boundary.inputs import expand_path, is_url, local_path
 from ..boundary.outputs import write_atomically
 from ..language.prompts import Region
 from ..language.tasks import Task, TaskSpec, task_spec
@@ -179,7 +179,7 @@ def check_label_file(
         LabelFileError: ``output`` is a folder, cannot be written, is not a label file, or
             holds another job's labels (unless ``add``). The message says which, and what to do.
     """
-    out = Path(output)
+    out = expand_path(output)
     if out.is_dir():
         raise LabelFileError(f"{out} is a folder: give a file name for the labels (--out).")
     folder = out.parent if str(out.parent) else Path(".")
@@ -348,7 +348,7 @@ def drop_error_records(out: Path, job: dict[str, Any], keys: set[str], keep: int
 def lock_path(out: Path) -> Path:
     """The lock beside the file ``out`` really is (symbolic links followed), named so that it
     can be no one else's file: ``.<name>.florence-lock``."""
-    target = Path(os.path.realpath(out))
+    target = Path(os.path.realpath(expand_path(out)))
     return target.with_name(f".{target.name}.florence-lock")
 
 

@@ -87,7 +87,7 @@ def find_images(folder: str | os.PathLike) -> list[str]:
         ImageLoadError: ``folder`` is not a folder, or one of its subfolders cannot be read
             (its images would be left out without a word).
     """
-    root = Path(folder)
+    root = expand_path(folder)
     if not root.is_dir():
         raise ImageLoadError(f"Not a folder: {root}")
     suffixes = IMAGE_SUFFIXES | UNREADABLE_IMAGE_SUFFIXES
@@ -316,7 +316,7 @@ def label(
     )
     _inference(florence, spec, text, region, classes)  # a settings mistake stops it here
     paths = _image_list(sources)
-    out = Path(output)
+    out = expand_path(output)
     model_folder = expand_path(str(florence.model_id))
     check_outputs(
         {"output": out},

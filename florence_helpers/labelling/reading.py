@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..boundary.inputs import expand_path
 from ..boundary.outputs import check_outputs, write_atomically
 from ..language.results import AnyResult, BoxesResult, PolygonsResult, Result
 from .files import LabelFileError, _is_header, check_record
@@ -38,7 +39,7 @@ def read_labels(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
-    target = Path(path)
+    target = expand_path(path)
     if not target.exists():
         raise FileNotFoundError(f"No label file or folder at {target}.")
     files = sorted(target.glob("*.json*")) if target.is_dir() else [target]

@@ -121,7 +121,7 @@ def _coco_file(
     """The COCO dataset, a name for it in messages, and the folder its file names start from."""
     if isinstance(annotations, Mapping):
         dataset, source = annotations, "COCO data"
-        root = Path(images_dir) if images_dir is not None else Path.cwd()
+        root = expand_path(images_dir) if images_dir is not None else Path.cwd()
     else:
         path = expand_path(annotations)
         dataset = _read_json(path)

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..boundary.images import load_image
+from ..boundary.inputs import expand_path
 from ..boundary.outputs import write_atomically
 from ..model.devices import cpu_has_native_bf16, cuda_half_dtype
 from ..model.loading import FlorenceModel, base_model, embed_prompts, vision_tower
@@ -148,7 +149,7 @@ class _Checkpoint:
 
     @classmethod
     def at(cls, folder: str | Path | None, num_samples: int) -> _Checkpoint:
-        return cls(Path(folder) / _CHECKPOINT if folder else None, num_samples)
+        return cls(expand_path(folder) / _CHECKPOINT if folder else None, num_samples)
 
     def restore(
         self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, resume: bool
