@@ -512,3 +512,23 @@ def test_a_path_starting_with_a_tilde_is_the_home_folder_everywhere(
     assert (home / "runs" / "checkpoint.pt").is_file()
     assert resumed.losses[: len(first_run.losses)] == first_run.losses  # resumed, not redone
     assert not (work / "~").exists()
+
+
+@pytest.mark.parametrize("blocker", ["file", "folder"])
+def test_a_checkpoint_dir_that_cannot_take_the_checkpoint_is_refused_before_training(
+    load_tiny, tmp_path, blocker
+):
+    from florence_helpers.training import TrainingConfig, make_shapes_dataset, read_coco, train
+
+    samples = read_coco(make_shapes_dataset(tmp_path / "shapes", num_images=2, image_size=(64, 48)))
+    runs = tmp_path / "runs"
+    if blocker == "file":
+        runs.write_text("my notes")  # checkpoint_dir names a file
+    else:
+        (runs / "checkpoint.pt").mkdir(parents=True)  # a folder where the checkpoint goes
+    config = TrainingConfig(epochs=1, batch_size=2, checkpoint_dir=runs, mixed_precision=False)
+    with pytest.raises(OutputError, match="checkpoint_dir"):
+        train(load_tiny(), samples, config, progress=False)
+    assert (
+        runs.read_text() == "my notes" if blocker == "file" else (runs / "checkpoint.pt").is_dir()
+    )

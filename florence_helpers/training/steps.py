@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..boundary.images import load_image
 from ..boundary.inputs import expand_path
-from ..boundary.outputs import write_atomically
+from ..boundary.outputs import check_outputs, write_atomically
 from ..model.devices import cpu_has_native_bf16, cuda_half_dtype
 from ..model.loading import FlorenceModel, base_model, embed_prompts, vision_tower
 from .batches import collate, freeze_vision_tower, target_labels
@@ -149,7 +149,17 @@ class _Checkpoint:
 
     @classmethod
     def at(cls, folder: str | Path | None, num_samples: int) -> _Checkpoint:
-        return cls(expand_path(folder) / _CHECKPOINT if folder else None, num_samples)
+        """The checkpoint in ``folder``, refused before any training if it could not be
+        written there (a file in the way, a folder named like it, no permission).
+
+        Raises:
+            OutputError: Naming ``checkpoint_dir`` and what is wrong.
+        """
+        if not folder:
+            return cls(None, num_samples)
+        path = expand_path(folder) / _CHECKPOINT
+        check_outputs({"checkpoint_dir": path})
+        return cls(path, num_samples)
 
     def restore(
         self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, resume: bool
