@@ -53,7 +53,7 @@ lint: install
 	$(PY) tools/notebooks.py check
 
 # Unit tests, doctests, and every notebook executed offline with the tiny model (nbval), in
-# parallel on up to 4 cores (pytest-xdist; how tests are grouped: conftest.py). The 15 slowest
+# parallel on up to 4 cores (pytest-xdist; how tests are grouped: conftest.py). The 30 slowest
 # tests are listed at the end. `make test PYTEST_WORKERS=0` runs them in this one process.
 PYTEST_WORKERS ?= auto
 test: lint
@@ -61,7 +61,7 @@ test: lint
 		--doctest-modules --ignore=florence_helpers/__main__.py \
 		--nbval-lax --nbval-current-env \
 		-n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
-		--durations=15
+		--durations=30
 
 # Only the explorer's browser test: JupyterLab in headless Chromium (Debian's `chromium`
 # package; skipped without it). Screenshots go to .cache/browser-screenshots.
