@@ -222,7 +222,8 @@ def test_a_full_disk_leaves_whole_lines_and_the_job_resumes(
     assert summary.written + summary.skipped == 3 and len(read_labels(out)) == 3
 
 
-def test_ctrl_c_exits_130_saying_what_was_written(photos, tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(("sent", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_exits_130_saying_what_was_written(photos, tmp_path, tiny_model_dir, sent, code):
     many = tmp_path / "many"
     many.mkdir()
     for index in range(40):
@@ -235,14 +236,15 @@ def test_ctrl_c_exits_130_saying_what_was_written(photos, tmp_path, tiny_model_d
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 3):
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: interrupted: ") and "run the same command again" in last
     assert "Traceback" not in err
     written = int(last.split("interrupted: ")[1].split()[0])
     assert len(read_labels(out)) == written and out.read_bytes().endswith(b"\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "labels.jsonl", "many"]
 
 
 @pytest.mark.parametrize(

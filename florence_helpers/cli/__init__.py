@@ -12,7 +12,8 @@ Exit codes: 0 done; 1 an unexpected error (a bug: please report it; FLORENCE_DEB
 where it happened); 2 a mistake in the settings or the input (unknown task, missing text, an
 unreadable image, an output that would overwrite an input, a label file of another job or in
 use, a damaged checkpoint to convert); 3 no model could be loaded; 4 reading or writing files
-failed (a full disk, no permission); 130 interrupted (Ctrl-C), after saying what was finished.
+failed (a full disk, no permission); 130 interrupted (Ctrl-C), after saying what was finished;
+143 terminated (SIGTERM), handled as Ctrl-C is.
 Each failure prints one line starting with "error:", never a traceback. Everything that can be
 checked without the model (the task, the image, the outputs, the device) is checked before it
 loads.
@@ -25,10 +26,13 @@ Layer 5 (the top): may import every other layer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from .common import (
     _BAD_INPUT,
@@ -37,6 +41,7 @@ from .common import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
     EXIT_IO,
+    EXIT_TERMINATED,
     _fail,
     _interrupted,
     _one_line,
@@ -51,6 +56,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one ``error:`` line and an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in ("label", "convert", "serve", "mcp") else None
+    if command in ("serve", "mcp"):  # the servers drain on SIGTERM themselves
+        return _main(argv, command)
+    with _terminate_as_interrupt():
+        return _main(argv, command)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: what was being written is finished or removed."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str], command: str | None) -> int:
     try:
         if command == "label":
             return label_main(argv[1:])
@@ -66,7 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _BAD_INPUT as error:
         return _fail(str(error), EXIT_BAD_INPUT)
     except KeyboardInterrupt as interrupt:
-        return _fail(_interrupted(interrupt, command), EXIT_INTERRUPTED)
+        terminated = isinstance(interrupt, Terminated) or isinstance(
+            interrupt.__context__,
+            Terminated,  # re-raised with what was written (label)
+        )
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        return _fail(_interrupted(interrupt, command), code)
     except OSError as error:
         return _fail(_one_line(error), EXIT_IO)
     except Exception as error:  # noqa: BLE001 - the contract: one line, never a traceback
