@@ -534,3 +534,21 @@ def test_a_checkpoint_dir_that_cannot_take_the_checkpoint_is_refused_before_trai
     assert (
         runs.read_text() == "my notes" if blocker == "file" else (runs / "checkpoint.pt").is_dir()
     )
+
+
+def test_a_second_training_run_on_one_checkpoint_dir_is_refused_while_the_first_runs(
+    load_tiny, tmp_path
+):
+    from florence_helpers.boundary.outputs import one_writer
+    from florence_helpers.training import TrainingConfig, make_shapes_dataset, read_coco, train
+
+    samples = read_coco(make_shapes_dataset(tmp_path / "shapes", num_images=2, image_size=(64, 48)))
+    runs = tmp_path / "runs"
+    config = TrainingConfig(epochs=1, batch_size=2, checkpoint_dir=runs, mixed_precision=False)
+    train(load_tiny(), samples, config, progress=False)
+    before = (runs / "checkpoint.pt").read_bytes()
+    with one_writer(runs / "checkpoint.pt"):  # the first run, still training
+        with pytest.raises(OutputError, match="in use by another training process"):
+            train(load_tiny(), samples, config, resume=False, progress=False)
+    assert (runs / "checkpoint.pt").read_bytes() == before
+    assert sorted(p.name for p in runs.iterdir()) == ["checkpoint.pt"]  # no lock left behind

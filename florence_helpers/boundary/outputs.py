@@ -23,7 +23,7 @@ import contextlib
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -378,3 +378,74 @@ class Appender:
                 raise OSError(error.errno, error.strerror or str(error), str(self.path)) from error
             raise
         self.chunks += 1
+
+
+def lock_path(out: PathLike) -> Path:
+    """The lock beside the file ``out`` really is (symbolic links followed), named so that it
+    can be no one else's file: ``.<name>.florence-lock``."""
+    target = Path(resolved(out))
+    return target.with_name(f".{target.name}.florence-lock")
+
+
+class InUseError(OutputError):
+    """Another process holds the file's one-writer lock (:func:`one_writer`)."""
+
+    def __init__(self, out: PathLike, lock: PathLike) -> None:
+        super().__init__(f"{os.fspath(out)} is being written by another process.")
+        self.lock = Path(lock)
+
+
+@contextlib.contextmanager
+def one_writer(path: PathLike) -> Iterator[None]:
+    """Hold the file's lock exclusively while the block runs; refuse at once if it is held.
+
+    Every name of one file takes one lock: a symbolic link by the file it points to, a hard
+    link by the file's own lock (held on the file itself too). The lock file's name is this
+    package's own, so it is removed after, also when an interrupted run left it. The file's
+    folder must exist.
+
+    Raises:
+        InUseError: Another process holds the lock; ``error.lock`` is the lock file.
+    """
+    out = Path(os.path.expanduser(os.fspath(path)))
+    lock = lock_path(out)
+    while True:
+        handle = open(lock, "a+b")  # noqa: SIM115 - closed below
+        try:
+            _lock(handle)
+        except OSError:
+            handle.close()
+            raise InUseError(out, lock) from None
+        try:  # the lock file may have been removed by its last holder while we opened it
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    data = None
+    try:
+        if out.exists():  # a hard link elsewhere takes another lock file: lock the data too
+            data = open(out, "rb")  # noqa: SIM115 - closed below
+            try:
+                _lock(data)
+            except OSError:
+                raise InUseError(out, out) from None
+        yield
+    finally:
+        if data is not None:
+            data.close()
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        handle.close()
+
+
+def _lock(handle: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

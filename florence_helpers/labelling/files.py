@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..boundary.inputs import expand_path, is_url, local_path
-from ..boundary.outputs import write_atomically
+from ..boundary.outputs import InUseError, one_writer, write_atomically
+from ..boundary.outputs import lock_path as _lock_path
 from ..language.prompts import Region
 from ..language.tasks import Task, TaskSpec, task_spec
 
@@ -346,63 +347,19 @@ def drop_error_records(out: Path, job: dict[str, Any], keys: set[str], keep: int
 
 
 def lock_path(out: Path) -> Path:
-    """The lock beside the file ``out`` really is (symbolic links followed), named so that it
-    can be no one else's file: ``.<name>.florence-lock``."""
-    target = Path(os.path.realpath(expand_path(out)))
-    return target.with_name(f".{target.name}.florence-lock")
+    """The lock beside the label file (see :func:`~florence_helpers.boundary.outputs.lock_path`)."""
+    return _lock_path(out)
 
 
 @contextlib.contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold the label file's lock exclusively while the block runs; refuse at once if it is
-    held. Every name of one file takes one lock: a symbolic link by the file it points to, a
-    hard link by the file's own lock (held on the file itself too). The lock file's name is
-    this package's own, so it is removed after, also when an interrupted run left it."""
-    lock = lock_path(out)
-    while True:
-        handle = open(lock, "a+b")  # noqa: SIM115 - closed below
-        try:
-            _lock(handle)
-        except OSError:
-            handle.close()
-            raise _held(out, lock) from None
-        try:  # the lock file may have been removed by its last holder while we opened it
-            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()
-    data = None
+    """Hold the label file's lock while the block runs; refuse at once if another labelling
+    process holds it (see :func:`~florence_helpers.boundary.outputs.one_writer`)."""
     try:
-        if out.exists():  # a hard link elsewhere takes another lock file: lock the data too
-            data = open(out, "rb")  # noqa: SIM115 - closed below
-            try:
-                _lock(data)
-            except OSError:
-                raise _held(out, out) from None
-        yield
-    finally:
-        if data is not None:
-            data.close()
-        with contextlib.suppress(OSError):
-            lock.unlink()
-        handle.close()
-
-
-def _held(out: Path, lock: Path) -> LabelFileError:
-    return LabelFileError(
-        f"{out} is being written by another labelling process ({lock} is locked). Wait for it "
-        "to finish, or write to another file."
-    )
-
-
-def _lock(handle: Any) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        import msvcrt
-
-        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with one_writer(out):
+            yield
+    except InUseError as error:
+        raise LabelFileError(
+            f"{out} is being written by another labelling process ({error.lock} is locked). "
+            "Wait for it to finish, or write to another file."
+        ) from None

@@ -89,39 +89,46 @@ def train(
     optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
     precision = _Precision.choose(config.mixed_precision, florence.device)
     checkpoint = _Checkpoint.at(config.checkpoint_dir, len(samples))
-    done, history = checkpoint.restore(model, optimizer, scheduler, precision.scaler, resume)
-    if not done:
-        torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
-    prepare = held_out = None
-    if done < total_steps:  # preparing may encode every image: only when there is work
-        prepare, held_out = _prepared(florence, samples, validation, config, precision, progress)
-    else:
-        warnings.warn(
-            f"Nothing was trained: the checkpoint in {config.checkpoint_dir} already finished "
-            f"these {total_steps} steps, and its weights and history were restored. Pass "
-            "resume=False to train again, or choose another checkpoint_dir.",
-            stacklevel=2,
+    with checkpoint.held():  # one training process per checkpoint_dir
+        done, history = checkpoint.restore(model, optimizer, scheduler, precision.scaler, resume)
+        if not done:
+            torch.manual_seed(config.seed)  # dropout masks; a resumed run restores the saved state
+        prepare = held_out = None
+        if done < total_steps:  # preparing may encode every image: only when there is work
+            prepare, held_out = _prepared(
+                florence, samples, validation, config, precision, progress
+            )
+        else:
+            warnings.warn(
+                f"Nothing was trained: the checkpoint in {config.checkpoint_dir} already finished "
+                f"these {total_steps} steps, and its weights and history were restored. Pass "
+                "resume=False to train again, or choose another checkpoint_dir.",
+                stacklevel=2,
+            )
+        run = _Run(model, params, optimizer, scheduler, precision, config, checkpoint, history)
+        model.train()
+        if config.freeze_vision:
+            vision_tower(model).eval()
+        bar = tqdm(
+            total=total_steps, initial=done, desc="training", unit="step", disable=not progress
         )
-    run = _Run(model, params, optimizer, scheduler, precision, config, checkpoint, history)
-    model.train()
-    if config.freeze_vision:
-        vision_tower(model).eval()
-    bar = tqdm(total=total_steps, initial=done, desc="training", unit="step", disable=not progress)
-    try:
-        for epoch in range(done // steps_per_epoch, config.epochs):
-            steps = _epoch_plan(samples, config, epoch)
-            steps = steps[done - epoch * steps_per_epoch :]  # a resumed epoch skips its done steps
-            done = run.steps(steps, prepare, done, epoch, bar)
-            epoch_steps = history.losses[-steps_per_epoch:]
-            history.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
-            if held_out is not None:
-                history.validation_losses.append(
-                    validation_loss(model, held_out, precision, config.freeze_vision)
-                )
-            checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
-    finally:
-        bar.close()
-        model.eval()
+        try:
+            for epoch in range(done // steps_per_epoch, config.epochs):
+                steps = _epoch_plan(samples, config, epoch)
+                steps = steps[
+                    done - epoch * steps_per_epoch :
+                ]  # a resumed epoch skips its done steps
+                done = run.steps(steps, prepare, done, epoch, bar)
+                epoch_steps = history.losses[-steps_per_epoch:]
+                history.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
+                if held_out is not None:
+                    history.validation_losses.append(
+                        validation_loss(model, held_out, precision, config.freeze_vision)
+                    )
+                checkpoint.save(model, optimizer, scheduler, precision.scaler, done, history)
+        finally:
+            bar.close()
+            model.eval()
     return history
 
 

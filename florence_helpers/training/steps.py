@@ -5,9 +5,10 @@ from. :func:`~florence_helpers.training.finetune.train` puts them together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ from tqdm.auto import tqdm
 
 from ..boundary.images import load_image
 from ..boundary.inputs import expand_path
-from ..boundary.outputs import check_outputs, write_atomically
+from ..boundary.outputs import (
+    InUseError,
+    OutputError,
+    check_outputs,
+    one_writer,
+    write_atomically,
+)
 from ..model.devices import cpu_has_native_bf16, cuda_half_dtype
 from ..model.loading import FlorenceModel, base_model, embed_prompts, vision_tower
 from .batches import collate, freeze_vision_tower, target_labels
@@ -160,6 +167,28 @@ class _Checkpoint:
         path = expand_path(folder) / _CHECKPOINT
         check_outputs({"checkpoint_dir": path})
         return cls(path, num_samples)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the checkpoint's one-writer lock while training (nothing without a
+        checkpoint_dir): a second run on the folder would replace this one's checkpoint.
+
+        Raises:
+            OutputError: Another process is training into the same checkpoint_dir.
+        """
+        if self.path is None:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with one_writer(self.path):
+                yield
+        except InUseError as error:
+            raise OutputError(
+                f"checkpoint_dir {self.path.parent} is in use by another training process "
+                f"({error.lock} is locked): a second run would replace its checkpoint. Wait "
+                "for it to finish, or choose another checkpoint_dir."
+            ) from None
 
     def restore(
         self, model: Any, optimizer: Any, scheduler: Any, scaler: Any, resume: bool
