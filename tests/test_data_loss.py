@@ -552,3 +552,17 @@ def test_a_second_training_run_on_one_checkpoint_dir_is_refused_while_the_first_
             train(load_tiny(), samples, config, resume=False, progress=False)
     assert (runs / "checkpoint.pt").read_bytes() == before
     assert sorted(p.name for p in runs.iterdir()) == ["checkpoint.pt"]  # no lock left behind
+
+
+def test_bytes_paths_label_as_their_decoded_names(florence, photos, tmp_path):
+    out = tmp_path / "labels.jsonl"
+    summary = label(
+        florence,
+        os.fsencode(photos),
+        "CAPTION",
+        os.fsencode(out),
+        progress=False,
+        max_new_tokens=5,
+        num_beams=1,
+    )
+    assert summary.written == 3 and len(read_labels(os.fsencode(out))) == 3

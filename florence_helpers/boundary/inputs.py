@@ -226,13 +226,14 @@ def local_path(source: str) -> str:
     return source
 
 
-def expand_path(path: str | os.PathLike) -> Path:
-    """``path`` with a leading ``~`` or ``~user`` expanded, as the shell would.
+def expand_path(path: str | bytes | os.PathLike) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as the shell would (bytes are
+    decoded as the file system does).
 
     ``~name`` of a user this machine does not know stays as written (``Path.expanduser``
     raises RuntimeError there): it then names a file that is simply not found.
     """
-    return Path(os.path.expanduser(os.fspath(path)))
+    return Path(os.path.expanduser(os.fsdecode(os.fspath(path))))
 
 
 def check_local_path(path: str | os.PathLike, limits: InputLimits | None = None) -> Path:

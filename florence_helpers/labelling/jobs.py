@@ -105,9 +105,9 @@ def find_images(folder: str | os.PathLike) -> list[str]:
     return sorted(found)
 
 
-def _image_list(sources: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+def _image_list(sources: str | bytes | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
     """The images a job labels: a folder's, one file or URL, or the list given."""
-    if not isinstance(sources, (str, os.PathLike)):
+    if not isinstance(sources, (str, bytes, os.PathLike)):  # bytes: one path, not a list
         return [os.fsdecode(os.fspath(source)) for source in sources]
     text = os.fsdecode(os.fspath(sources))
     if is_url(text):
