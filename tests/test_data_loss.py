@@ -566,3 +566,12 @@ def test_bytes_paths_label_as_their_decoded_names(florence, photos, tmp_path):
         num_beams=1,
     )
     assert summary.written == 3 and len(read_labels(os.fsencode(out))) == 3
+
+
+def test_an_out_that_is_a_link_into_a_folder_not_made_yet_is_written_through(
+    florence, photos, tmp_path
+):
+    link = tmp_path / "labels.jsonl"
+    link.symlink_to(tmp_path / "later" / "real.jsonl")
+    label(florence, photos, "CAPTION", link, progress=False, max_new_tokens=5, num_beams=1)
+    assert link.is_symlink() and len(read_labels(tmp_path / "later" / "real.jsonl")) == 3

@@ -5,7 +5,7 @@ and every setting that changes an answer); each following line is one image's re
 module decides what such a file holds and whether a job may write to it: the same job resumes,
 another job is refused unless added, a file that is not a label file is never written, a
 torn last line of an interrupted run is cut off, and a second writer is refused at once (a
-lock beside it, ``<output>.lock``). :mod:`florence_helpers.labelling` runs the jobs.
+lock beside it, ``.<name>.florence-lock``). :mod:`florence_helpers.labelling` runs the jobs.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..boundary.images import ImageLoadError, load_image
 from ..boundary.inputs import expand_path, is_url, local_path
-from ..boundary.outputs import Appender, check_outputs
+from ..boundary.outputs import Appender, check_outputs, resolved
 from ..language.prompts import Region, TaskInputError, build_prompt
 from ..language.tasks import Task, TaskSpec, UnknownTaskError, task_spec
 from ..model.detection import check_classes, detect
@@ -326,7 +326,7 @@ def label(
     check_job_fits(florence, spec, text, region, classes, run_kwargs.get("max_new_tokens", 1024))
     job = job_for(florence, spec, text=text, region=region, classes=classes, **run_kwargs)
     check_label_file(out, job, add=add)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(resolved(out)).parent.mkdir(parents=True, exist_ok=True)  # a link's target's folder
     summary = LabelSummary(written=0, errors=0, skipped=0, output=out)
     with locked(out):
         contents = check_label_file(out, job, add=add)  # again, now that no one else writes
