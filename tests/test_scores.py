@@ -299,3 +299,18 @@ def test_scores_equal_transformers_transition_scores_without_keeping_the_logits(
     vocabulary = florence.model.config.text_config.vocab_size
     assert {tuple(step.shape) for step in kept} == {(2 * beams, 4 * beams + 4)}
     assert 4 * beams + 4 < vocabulary / 30  # rows x steps x 36 floats, not x the vocabulary
+
+
+def test_scores_on_a_static_cache_come_from_the_kept_logits(load_tiny, photo, monkeypatch):
+    """A static cache is compiled by transformers on a GPU, where a hook added to the compiled
+    forward would not run: there the logits are kept whole, and the scores are the same."""
+    from florence_helpers.model import decoding
+
+    florence = load_tiny()
+    settings = dict(num_beams=3, max_new_tokens=24, scores=True)
+    dynamic = run(florence, photo, "OD", **settings)
+    florence.model.generation_config.cache_implementation = "static"
+    monkeypatch.setattr(decoding, "StepLogprobs", lambda *a: pytest.fail("hook on a static cache"))
+    static = run(florence, photo, "OD", **settings)
+    assert static.raw == dynamic.raw
+    np.testing.assert_allclose(static.scores, dynamic.scores, atol=1e-5)

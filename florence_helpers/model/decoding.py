@@ -89,24 +89,36 @@ def generate(
     fast = fast_beams and beams > 1 and not static
     if fast:
         generate_kwargs.setdefault("past_key_values", beam_cache())
+    # A static cache is compiled by transformers, and a compiled forward ignores a hook added
+    # later: there the logits are kept whole (output_logits) and scored after.
     searched = beams if "num_beams" in generate_kwargs else model.generation_config.num_beams
-    recorder = StepLogprobs(searched or 1) if with_scores else None
+    recorder = StepLogprobs(searched or 1) if with_scores and not static else None
     watching = recorder.watching(model) if recorder else contextlib.nullcontext()
-    if recorder:
+    if with_scores:
         from transformers import LogitsProcessorList
 
-        given = generate_kwargs.get("logits_processor") or []
+        given = list(generate_kwargs.get("logits_processor") or [])
         generate_kwargs.update(
-            return_dict_in_generate=True, logits_processor=LogitsProcessorList([*given, recorder])
+            return_dict_in_generate=True,
+            output_logits=recorder is None,
+            logits_processor=LogitsProcessorList(given + ([recorder] if recorder else [])),
         )
     sharing = sharing_cross_attention(model, beams) if fast else contextlib.nullcontext()
     with torch.inference_mode(), sharing, watching:
         outputs = model.generate(**inputs, do_sample=False, **generate_kwargs)
-    if recorder is None:
+    if not with_scores:
         return outputs, None
     beam_indices = getattr(outputs, "beam_indices", None)
-    logprobs = recorder.transition_logprobs(outputs.sequences, beam_indices)
-    return outputs.sequences, logprobs.cpu().numpy()
+    if recorder is None:
+        logprobs = model.compute_transition_scores(
+            outputs.sequences,
+            tuple(step.float() for step in outputs.logits),
+            beam_indices,
+            normalize_logits=True,
+        )
+    else:
+        logprobs = recorder.transition_logprobs(outputs.sequences, beam_indices)
+    return outputs.sequences, logprobs.float().cpu().numpy()
 
 
 def for_rows(generate_kwargs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
