@@ -226,8 +226,8 @@ def test_a_full_disk_leaves_whole_lines_and_the_job_resumes(
 def test_ctrl_c_exits_130_saying_what_was_written(photos, tmp_path, tiny_model_dir, sent, code):
     many = tmp_path / "many"
     many.mkdir()
-    for index in range(40):
-        shutil.copy(photos / "cat.jpg", many / f"{index:02}.jpg")
+    for index in range(400):  # enough that the signal always comes before the end
+        shutil.copy(photos / "cat.jpg", many / f"{index:03}.jpg")
     out = tmp_path / "labels.jsonl"
     command = [sys.executable, "-m", "florence_helpers", "label", str(many), "--task", "CAPTION"]
     command += ["--out", str(out), "--batch-size", "1", "--max-new-tokens", "8"]

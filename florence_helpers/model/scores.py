@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -68,8 +69,11 @@ class StepLogprobs:
     def watching(self, model: Any) -> Iterator[None]:
         """Read the output layer's logits at every decoding step while the block runs."""
 
+        thread = threading.get_ident()
+
         def keep_last_position(module: Any, inputs: Any, output: torch.Tensor) -> None:
-            self._raw = output[:, -1, :]
+            if threading.get_ident() == thread:  # a shared model also runs other threads' calls
+                self._raw = output[:, -1, :]
 
         handle = model.get_output_embeddings().register_forward_hook(keep_last_position)
         try:
