@@ -55,9 +55,13 @@ lint: install
 # Unit tests, doctests, and every notebook executed offline with the tiny model (nbval), in
 # parallel on up to 4 cores (pytest-xdist; how tests are grouped: conftest.py). The 30 slowest
 # tests are listed at the end. `make test PYTEST_WORKERS=0` runs them in this one process.
+# OpenMP threads that wait passively: the fine-tuning tests that train with 2 threads, beside
+# another worker, spent their time spinning (one took 26.8 s against 11.5 s passive beside a
+# busy core, and up to 190 s in a whole run; measured on the 2-core Intel Xeon, 2026-12-03).
 PYTEST_WORKERS ?= auto
+OMP_WAIT_POLICY ?= PASSIVE
 test: lint
-	$(PY) -m pytest tests florence_helpers notebooks \
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(PY) -m pytest tests florence_helpers notebooks \
 		--doctest-modules --ignore=florence_helpers/__main__.py \
 		--nbval-lax --nbval-current-env \
 		-n $(PYTEST_WORKERS) --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
