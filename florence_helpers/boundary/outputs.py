@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from .inputs import expand_path
+
 PathLike = str | os.PathLike
 
 
@@ -37,7 +39,7 @@ class OutputError(ValueError):
 
 def resolved(path: PathLike) -> str:
     """``path`` as an absolute path with ``~`` expanded and symbolic links followed."""
-    return os.path.realpath(os.path.expanduser(os.fspath(path)))
+    return os.path.realpath(expand_path(path))
 
 
 def same_file(first: PathLike, second: PathLike) -> bool:
@@ -46,7 +48,7 @@ def same_file(first: PathLike, second: PathLike) -> bool:
     if resolved(first) == resolved(second):
         return True
     try:
-        return os.path.samefile(os.path.expanduser(first), os.path.expanduser(second))
+        return os.path.samefile(expand_path(first), expand_path(second))
     except OSError:
         return False
 
@@ -101,7 +103,7 @@ def check_outputs(
                     f"{name} and {other_name} are the same file ({os.fspath(path)}): one would "
                     "overwrite the other. Give each its own file name."
                 )
-        if Path(os.path.expanduser(os.fspath(path))).is_dir():
+        if expand_path(path).is_dir():
             raise OutputError(f"{name} {os.fspath(path)} is a folder: give a file name.")
         for folder in folders:
             inside = resolved(folder)
@@ -181,7 +183,7 @@ def _holds(path: Path, kind: str) -> bool:
 def _check_writable(name: str, path: PathLike) -> None:
     """Refuse, before any work, an output whose folder cannot be made or written: a path under
     a file, a read-only file system, a folder without write permission."""
-    target = Path(os.path.expanduser(os.fspath(path)))
+    target = expand_path(path)
     folder = target.parent
     while not folder.exists():
         if folder == folder.parent:
@@ -201,7 +203,7 @@ def _check_writable(name: str, path: PathLike) -> None:
 def _identity(path: PathLike) -> tuple[int, int] | None:
     """The device and inode of an existing file (hard links share them), else None."""
     try:
-        info = os.stat(os.path.expanduser(os.fspath(path)))
+        info = os.stat(expand_path(path))
     except (OSError, ValueError):
         return None
     return info.st_dev, info.st_ino
@@ -351,7 +353,7 @@ class Appender:
     def open(cls, path: PathLike, *, keep: int | None = None) -> Any:
         """Open ``path`` for appending (creating it); ``keep`` cuts it to that many bytes
         first (the torn last line of an interrupted run)."""
-        target = Path(os.path.expanduser(os.fspath(path)))
+        target = expand_path(path)
         handle = open(target, "r+b" if target.exists() else "w+b", buffering=0)  # noqa: SIM115
         try:
             if keep is not None and keep != os.fstat(handle.fileno()).st_size:
@@ -407,7 +409,7 @@ def one_writer(path: PathLike) -> Iterator[None]:
     Raises:
         InUseError: Another process holds the lock; ``error.lock`` is the lock file.
     """
-    out = Path(os.path.expanduser(os.fspath(path)))
+    out = expand_path(path)
     lock = lock_path(out)
     while True:
         handle = open(lock, "a+b")  # noqa: SIM115 - closed below

@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from ..boundary.inputs import expand_path, is_url, local_path
-from ..boundary.outputs import InUseError, one_writer, write_atomically
-from ..boundary.outputs import lock_path as _lock_path
+from ..boundary.outputs import (
+    InUseError,
+    lock_path,  # noqa: F401 - where label code has looked for it
+    one_writer,
+    write_atomically,
+)
 from ..language.prompts import Region
 from ..language.tasks import Task, TaskSpec, task_spec
 
@@ -344,11 +348,6 @@ def drop_error_records(out: Path, job: dict[str, Any], keys: set[str], keep: int
     if dropped:
         write_atomically(out, b"".join(kept))
     return dropped
-
-
-def lock_path(out: Path) -> Path:
-    """The lock beside the label file (see :func:`~florence_helpers.boundary.outputs.lock_path`)."""
-    return _lock_path(out)
 
 
 @contextlib.contextmanager

@@ -115,9 +115,8 @@ def train(
         try:
             for epoch in range(done // steps_per_epoch, config.epochs):
                 steps = _epoch_plan(samples, config, epoch)
-                steps = steps[
-                    done - epoch * steps_per_epoch :
-                ]  # a resumed epoch skips its done steps
+                # a resumed epoch skips its done steps
+                steps = steps[done - epoch * steps_per_epoch :]
                 done = run.steps(steps, prepare, done, epoch, bar)
                 epoch_steps = history.losses[-steps_per_epoch:]
                 history.epoch_losses.append(sum(epoch_steps) / len(epoch_steps))
