@@ -382,6 +382,40 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
     assert load_image(repeated_scans(3)).size == (64, 64)  # an ordinary progressive JPEG
 
 
+def rle8_bmp(side: int) -> bytes:
+    """A ``side`` x ``side`` RLE8 BMP of a few bytes per row: one pixel, then end-of-line."""
+    palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
+    pixels = b"\x01\x07\x00\x00" * side + b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    header = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    return header + info + palette + pixels
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"P2\n1 1\n255\n" + b"#\n" * 500_000 + b"0\n",  # plain PGM: comments cost quadratic time
+        b"P5\n2000 2000\n254\n" + bytes(2000 * 2000),  # maximum not 255: a per-sample loop
+        rle8_bmp(4000),  # 18 kB, 16 MP: a per-pixel loop
+    ],
+    ids=["plain-pgm-of-comments", "pgm-of-maximum-254", "rle8-bmp"],
+)
+def test_images_that_pillow_decodes_in_python_are_refused_before_decoding(data):
+    started = time.monotonic()
+    with pytest.raises(ImageLoadError, match="decodes this kind of .* in Python"):
+        load_image(data)
+    assert time.monotonic() - started < 5  # the header only (decoding took 2-38 s)
+
+
+@pytest.mark.parametrize("mode, maximum", [("L", 255), ("I;16", 65535), ("RGB", 255)])
+def test_ordinary_pnm_and_bmp_files_still_load(mode, maximum):
+    for kind in ("PPM", "BMP") if mode != "I;16" else ("PPM",):
+        buffer = io.BytesIO()
+        Image.new(mode, (8, 4), 7).save(buffer, kind)
+        assert load_image(buffer.getvalue()).size == (8, 4), (mode, kind)
+
+
 def test_formats_outside_the_decoded_ones_are_refused_before_their_decoder_runs(tmp_path):
     # An ICO whose directory says 16x16 and whose PNG inside is 13000x13000: Pillow decodes
     # it while opening; it must never get that far.

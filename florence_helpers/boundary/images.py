@@ -266,7 +266,8 @@ def decode_image(
     data: bytes | os.PathLike | Any, name: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Decode an image file, an open binary file or encoded bytes, refusing more than
-    ``max_pixels`` pixels, formats outside :data:`DECODED_FORMATS`, and JPEGs of more than
+    ``max_pixels`` pixels, formats outside :data:`DECODED_FORMATS`, variants that Pillow
+    decodes in Python (plain-text PNM, RLE BMP: no time bound), and JPEGs of more than
     :data:`MAX_JPEG_SCANS` scans.
 
     The size is read from the file's header first: an image that is too large is refused
@@ -287,6 +288,13 @@ def decode_image(
                 f"than the {max_pixels / 1e6:,.1f} megapixels allowed, and the decoder holds a "
                 "whole tile at once. Re-save it as an ordinary TIFF, PNG or JPEG."
             )
+        slow = _python_decoder(opened)
+        if slow is not None:
+            raise ImageLoadError(
+                f"Did not decode {name}: Pillow decodes this kind of {opened.format} file "
+                f"({slow}) in Python, which can take minutes even for a small file; re-save it "
+                "as PNG or JPEG."
+            )
         if opened.format == "JPEG" and _jpeg_scans(opened.fp) > MAX_JPEG_SCANS:
             raise ImageLoadError(
                 f"Did not decode {name}: it is a JPEG of more than {MAX_JPEG_SCANS} progressive "
@@ -301,6 +309,21 @@ def decode_image(
             raise ImageTooLargeError(f"Could not decode {name}: not enough memory.") from error
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds on damaged data
             raise ImageLoadError(f"Could not read {name} as an image: it is damaged.") from error
+
+
+def _python_decoder(opened: Image.Image) -> str | None:
+    """The name of a decoder written in Python that the image would use, else None.
+
+    Pillow's C decoders take time in proportion to the pixels, which the pixel limit bounds;
+    its Python ones do not (a 1x1 plain PGM of 1 MB of comments takes 12 s, a 26 kB RLE BMP
+    6 s, a 19 MB PGM whose maximum is not 255 38 s), so they are refused, whatever the size.
+    """
+    decoders = getattr(Image, "DECODERS", {})
+    for tile in getattr(opened, "tile", None) or []:
+        codec = getattr(tile, "codec_name", None) or (tile[0] if tile else None)
+        if isinstance(codec, str) and codec in decoders:
+            return codec
+    return None
 
 
 def _tiff_tile(opened: Image.Image) -> tuple[int, int] | None:
