@@ -270,6 +270,17 @@ def test_a_huge_prompt_is_refused_before_tokenising(florence, calls, monkeypatch
     assert tokenised == [] and calls == []
 
 
+def test_a_huge_custom_prompt_is_refused_naming_the_prompt(florence, calls):
+    from florence_helpers.serve.requests import RequestError, check_request
+
+    image = Image.new("RGB", (32, 32))
+    with pytest.raises(RequestError) as refused:
+        check_request(florence, image, task=None, prompt="cat " * 2000, max_text_chars=4000)
+    assert refused.value.field == "prompt" and "too long" in str(refused.value)
+    job = check_request(florence, image, task=None, prompt="What is this? ", max_text_chars=4000)
+    assert job is not None and calls == []
+
+
 def test_load_is_shed_before_the_body_is_read(florence, monkeypatch):
     release, headers_read = threading.Event(), []
     monkeypatch.setattr(batching, "run", lambda *a, **k: release.wait(30) and run(*a, **k))

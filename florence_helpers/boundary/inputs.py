@@ -149,7 +149,7 @@ def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | 
     if not is_unicode(value):
         raise SettingError(f"{name} is not valid Unicode text.")
     if max_chars is not None and len(value) > max_chars:
-        raise SettingError(f"{name} is {len(value):,} characters long; at most {max_chars:,}.")
+        raise SettingError(f"{name} is too long: {len(value):,} characters; at most {max_chars:,}.")
     return value
 
 

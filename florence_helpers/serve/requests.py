@@ -165,12 +165,15 @@ def check_request(
 ) -> Job:
     """Turn the fields of a request into a checked :class:`Job`, or raise :class:`RequestError`
     naming the field at fault. ``image`` is already a loaded PIL image."""
-    spec = _spec(task, prompt, parse or "text")
+    fields = {"text": text, "prompt": prompt}
+    for field, value in fields.items():
+        try:
+            fields[field] = check_text(value, field, max_chars=max_text_chars)
+        except SettingError as error:
+            raise RequestError(field, str(error)) from None
+    text = fields["text"]
+    spec = _spec(task, fields["prompt"], parse or "text")
     box = _region(region)
-    try:
-        text = check_text(text, "text", max_chars=max_text_chars)
-    except SettingError as error:
-        raise RequestError("text", f"{error} The text is too long for one prompt.") from None
     try:
         build_prompt(spec, image.size, text=text, region=box)
     except RegionError as error:
