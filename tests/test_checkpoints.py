@@ -432,6 +432,20 @@ def _bin_of_a_list(folder):
             id="config-not-utf8",
         ),
         pytest.param(
+            lambda f: (f / "config.json").write_text("[" * 100_000),
+            "config.json",
+            r"nested too deeply|is not valid JSON",
+            id="config-nested-deeply",
+        ),
+        pytest.param(
+            lambda f: (f / "model.safetensors.index.json").write_text(
+                '{"weight_map": {"a": "../../outside.safetensors"}}'
+            ),
+            "model.safetensors.index.json",
+            r"names the weight file '\.\./\.\./outside\.safetensors', which is not a file name",
+            id="index-names-a-file-outside",
+        ),
+        pytest.param(
             _edit_config(lambda c: c.update(vision_config=5)),
             "config.json",
             r"vision_config is a JSON number, but must be an object",

@@ -121,6 +121,8 @@ def _read_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise CheckpointError(f"{path} is nested too deeply to be a model configuration.") from None
     except UnicodeDecodeError:
         raise CheckpointError(
             f"{path} is not UTF-8 text, so not a model configuration: the file is damaged. "

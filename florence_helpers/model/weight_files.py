@@ -30,6 +30,12 @@ def _weight_files(folder: Path) -> list[Path]:
                     f"{index} is not a weight index (JSON with a weight_map of weight names to "
                     "files): the download is incomplete or damaged."
                 ) from None
+            for shard in shards:
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+                    raise CheckpointError(
+                        f"{index} names the weight file {shard!r:.80}, which is not a file name "
+                        "in the checkpoint's folder: the index is damaged."
+                    )
             return [folder / shard for shard in shards]
     return [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
 
