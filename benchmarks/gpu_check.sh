@@ -10,6 +10,8 @@
 #   SIZES=base,large                    architectures for the inference benchmark (tiny: tests)
 #   BATCHES=1,8,64,256                  batch sizes for the throughput table
 #   TRAIN_BATCH=16                      samples per LoRA training step
+#   QUICK=0                             1: the inference reports as a smoke run (one timing
+#                                       per figure, the seed loop cut short; how it is tested)
 #   INSTALL=1                           pip install the package and its pinned dependencies
 #                                       (never torch); 0 to skip
 #   WHEELS=DIR                          install from these wheel files only (a machine
@@ -27,6 +29,8 @@ STEPS=${STEPS:-tests notebooks benchmarks}
 SIZES=${SIZES:-base,large}
 BATCHES=${BATCHES:-1,8,64,256}
 TRAIN_BATCH=${TRAIN_BATCH:-16}
+quick=()
+[ "${QUICK:-0}" = 1 ] && quick=(--quick)
 : >"$report"
 
 note() { printf '%s\n' "$*" | tee -a "$report"; }
@@ -84,11 +88,13 @@ fi
 if wants benchmarks; then
   first=${SIZES%%,*}
   step "inference, bf16, eager ($SIZES)" "$PY" benchmarks/inference_speed.py --device "$device" \
-    --dtype bf16 --architectures "$SIZES" --batches "$BATCHES"
+    --dtype bf16 --architectures "$SIZES" --batches "$BATCHES" "${quick[@]}"
   step "inference, bf16, compiled ($first)" "$PY" benchmarks/inference_speed.py \
-    --device "$device" --dtype bf16 --compile --architectures "$first" --batches "$BATCHES"
+    --device "$device" --dtype bf16 --compile --architectures "$first" --batches "$BATCHES" \
+    "${quick[@]}"
   step "inference, fp16 as on a T4, eager ($first)" "$PY" benchmarks/inference_speed.py \
-    --device "$device" --dtype fp16 --architectures "$first" --batches "$BATCHES"
+    --device "$device" --dtype fp16 --architectures "$first" --batches "$BATCHES" \
+    "${quick[@]}"
   step "training, LoRA (frozen + cached), batch $TRAIN_BATCH ($first)" "$PY" \
     benchmarks/training_speed.py --device "$device" --architecture "$first" --settings LoRA \
     --batch "$TRAIN_BATCH" --steps 3

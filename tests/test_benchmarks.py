@@ -20,6 +20,7 @@ def test_the_gpu_check_runs_every_benchmark_command_on_the_cpu(tmp_path):
         "SIZES": "tiny",
         "BATCHES": "1",
         "TRAIN_BATCH": "2",
+        "QUICK": "1",
         "INSTALL": "0",
         "PYTHON": sys.executable,
     }
@@ -42,6 +43,7 @@ def test_the_gpu_check_runs_every_benchmark_command_on_the_cpu(tmp_path):
         "one caption at batch 1, 3 beam(s)",
         "OD, 3 beam(s)",
         "15 tasks: run_tasks",
+        "seed loop over its first 2 tasks only (--quick)",
         "ms/step",
     ):
         assert expected in text, expected
