@@ -451,3 +451,67 @@ def test_a_rank_the_weights_do_not_have_is_refused_before_anything_is_allocated(
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(AdapterError, match=r"asks for rank \d+, but the adapter's weights have"):
         load_adapter(florence, adapter_copy)
+
+
+@pytest.mark.parametrize("keep", ["lora_B only", "empty lora_A"])
+def test_a_huge_rank_with_no_usable_lora_a_is_refused_before_anything_is_allocated(
+    load_tiny, adapter_copy, keep, monkeypatch
+):
+    # The rank check once read ranks from lora_A only: without one (or with an empty one, of
+    # shape (r, 0), which holds no data) a 1 kB folder asked peft for 25 GB.
+    import peft
+
+    weights = adapter_copy / "adapter_model.safetensors"
+    state = load_file(weights)
+    if keep == "lora_B only":
+        state = {k: v for k, v in state.items() if "lora_A" not in k}
+    else:
+        name = next(k for k in state if "lora_A" in k)
+        state[name] = torch.zeros(50_000_000, 0)
+    save_file(state, weights)
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, "r": 50_000_000}))
+    florence = load_tiny()
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=r"asks for rank 50000000|is empty"):
+        load_adapter(florence, adapter_copy)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_1000000000"])
+def test_loading_never_runs_an_initialisation_that_rewrites_the_base_weights(
+    load_tiny, adapter_copy, saved_adapter, init
+):
+    # PiSSA and OLoRA subtract from the base weights while peft builds the layers (and PiSSA
+    # with a billion iterations runs for ever); the saved tensors replace every initial value,
+    # so loading starts from plain LoRA, and a refused load leaves the base model as it was.
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(
+        json.dumps({**config, "init_lora_weights": init})
+    )
+    weights = adapter_copy / "adapter_model.safetensors"
+    whole = load_file(weights)
+    florence = load_tiny()
+    before = _logits(florence)
+    adapted = load_adapter(load_tiny(), adapter_copy)
+    reference = load_adapter(load_tiny(), saved_adapter)
+    assert torch.equal(_logits(adapted), _logits(reference))
+    save_file(dict(list(whole.items())[1:]), weights)  # a tensor missing: refused
+    with pytest.raises(AdapterError):
+        load_adapter(florence, adapter_copy)
+    _assert_untouched(florence, before)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("layer_replication", [[0, 1000000]]), ("loftq_config", {"loftq_bits": 4})],
+)
+def test_adapter_settings_that_change_the_model_while_loading_are_refused(
+    load_tiny, adapter_copy, field, value
+):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    florence = load_tiny()
+    before = _logits(florence)
+    with pytest.raises(AdapterError, match=f"sets {field}"):
+        load_adapter(florence, adapter_copy)
+    _assert_untouched(florence, before)

@@ -119,7 +119,7 @@ def load_adapter(
             names the file), tensors are missing from it or match no module (they are
             named), or it was made for another model. ``florence`` is left as it was.
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     folder = expand_path(path)
     weights = _check_adapter_folder(folder)
@@ -129,7 +129,13 @@ def load_adapter(
     had_config = "peft_config" in vars(florence.model)
     try:
         with _quiet_peft():
-            model = PeftModel.from_pretrained(florence.model, str(folder), is_trainable=trainable)
+            config = PeftConfig.from_pretrained(str(folder))
+            # Every saved tensor replaces its initial value, so none is computed: PiSSA or
+            # OLoRA initialisation would rewrite the base weights (and may run for minutes).
+            config.init_lora_weights = False
+            model = PeftModel.from_pretrained(
+                florence.model, str(folder), is_trainable=trainable, config=config
+            )
     except Exception as error:  # noqa: BLE001 - named for the user below
         _remove_lora_layers(florence.model, had_config)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -248,6 +254,11 @@ def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
             )
 
 
+# Fields that make peft copy layers or compute weights while building the adapter: refused.
+# (init_lora_weights is not: loading always starts from plain LoRA, see load_adapter.)
+_STRUCTURE_FIELDS = ("layer_replication", "megatron_config", "loftq_config")
+
+
 def _check_adapter_folder(folder: Path) -> Path:
     """Check the adapter's files before peft reads them; the weight file's path."""
     config_path = folder / "adapter_config.json"
@@ -261,6 +272,12 @@ def _check_adapter_folder(folder: Path) -> Path:
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{config_path}: the rank r must be a whole number of at least 1.")
+    for field in _STRUCTURE_FIELDS:
+        if config.get(field) not in (None, False, [], {}):
+            raise AdapterError(
+                f"{config_path} sets {field}, which changes the model's structure or weights "
+                "while loading; this package loads plain LoRA adapters only."
+            )
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
             return folder / name
@@ -270,6 +287,7 @@ def _check_adapter_folder(folder: Path) -> Path:
 
 
 _LORA_A = re.compile(r"lora_(?:embedding_)?A(?:\.|$)")
+_LORA_B = re.compile(r"lora_(?:embedding_)?B(?:\.|$)")
 
 
 def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -278,7 +296,8 @@ def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     folder saying ``r: 1000000`` would ask for gigabytes before failing on a size mismatch.
 
     The rank of a saved tensor is the first dimension of a ``lora_A`` (or
-    ``lora_embedding_A``) matrix.
+    ``lora_embedding_A``) matrix and the second of a ``lora_B`` (``lora_embedding_B``); an
+    empty tensor (a dimension of 0, no data) counts as damage, not as a rank.
     """
     config = read_adapter_config(folder)
     pattern = config.get("rank_pattern") or {}
@@ -290,8 +309,17 @@ def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
             f"{folder / 'adapter_config.json'}: every rank (r, rank_pattern) must be a whole "
             "number of at least 1."
         )
+    empty = sorted(name for name, shape in shapes.items() if 0 in shape)
+    if empty:
+        raise AdapterError(
+            f"{folder}: the adapter's weight {empty[0]} is empty (a dimension of size 0): the "
+            "weight file is damaged."
+        )
     saved = [shape[0] for name, shape in shapes.items() if _LORA_A.search(name) and shape]
-    if saved and max(asked) > max(saved):
+    saved += [shape[1] for name, shape in shapes.items() if _LORA_B.search(name) and len(shape) > 1]
+    if not saved:
+        raise AdapterError(f"{folder}: the adapter's weight file holds no LoRA matrices.")
+    if max(asked) > max(saved):
         raise AdapterError(
             f"{folder / 'adapter_config.json'} asks for rank {max(asked)}, but the adapter's "
             f"weights have rank {max(saved)} at most: the configuration does not belong to "
