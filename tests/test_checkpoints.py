@@ -576,6 +576,16 @@ def _wrong_rank(folder):
     save_file(state, folder / "adapter_model.safetensors")
 
 
+def _empty_pair(folder):
+    # A pair of empty matrices of rank 10^9 (no data): an lm_head's lora_B padded to the native
+    # vocabulary from such a pair asked for 256 GB.
+    state = load_file(folder / "adapter_model.safetensors")
+    key = sorted(k for k in state if ".lora_B." in k)[0]
+    state[key] = torch.zeros(0, 10**9)
+    state[key.replace(".lora_B.", ".lora_A.")] = torch.zeros(10**9, 0)
+    save_file(state, folder / "adapter_model.safetensors")
+
+
 @pytest.mark.parametrize(
     ("damage", "file", "message"),
     [
@@ -584,6 +594,12 @@ def _wrong_rank(folder):
             "adapter_model.safetensors",
             r"safetensors file is damaged or cut short",
             id="truncated-safetensors",
+        ),
+        pytest.param(
+            _empty_pair,
+            "adapter_model.safetensors",
+            r"is empty \(shape \(",
+            id="empty-pair-of-rank-a-billion",
         ),
         pytest.param(
             _adapter_pickle,

@@ -132,6 +132,11 @@ def _native_adapter_weights(
                 f"{source}: the adapter weight {key!r} is not a LoRA weight of a module "
                 "(expected base_model.model.<module>.lora_A.weight and the like)."
             )
+        if tensor.numel() == 0:
+            raise CheckpointError(
+                f"{source}: the adapter weight {key!r} is empty (shape {tuple(tensor.shape)}): "
+                "the adapter file is damaged."
+            )
         module = key[len(_ADAPTER_PREFIX) : part.start()]
         if part.group(2) != ".bias":
             parts.setdefault(module, {})[part.group(1)] = (key, tensor)
