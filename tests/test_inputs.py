@@ -155,6 +155,30 @@ def test_a_redirect_to_a_forbidden_address_is_not_followed(listeners):
     assert hidden.accepted == 0 and ftp.accepted == 0
 
 
+def test_an_allowed_host_with_a_port_allows_that_port_only(listeners):
+    other = listeners(reply=lambda path: http_reply("200 OK", png()))
+    targets = {"/other": f"{other.url}/a.png", "/same": "/a.png"}
+    served = listeners(
+        reply=lambda path: (
+            http_reply("200 OK", png())
+            if path == "/a.png"
+            else http_reply("302 Found", Location=targets[path])
+        )
+    )
+    limits = InputLimits(allowed_hosts=(f"127.0.0.1:{served.port}",))
+    assert fetch_url(f"{served.url}/same", limits) == png()
+    for url in (f"{other.url}/a.png", f"{served.url}/other", f"http://2130706433:{other.port}/"):
+        with pytest.raises(ForbiddenAddressError):
+            fetch_url(url, limits)
+    assert other.accepted == 0
+
+
+@pytest.mark.parametrize("entry", ["", "a b", "127.0.0.1:0", "10.0.0.0/8:80", "http://x", 5])
+def test_an_allowed_host_that_cannot_be_read_is_refused_when_the_limits_are_made(entry):
+    with pytest.raises(SettingError, match="allowed_hosts holds"):
+        InputLimits(allowed_hosts=(entry,))
+
+
 def test_an_allowed_host_is_fetched_and_redirects_within_it_are_followed(listeners):
     served = listeners(
         reply=lambda path: (

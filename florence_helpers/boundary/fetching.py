@@ -23,7 +23,14 @@ import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .inputs import ForbiddenAddressError, InputError, InputLimits, TooLargeError, is_unicode
+from .inputs import (
+    ForbiddenAddressError,
+    InputError,
+    InputLimits,
+    TooLargeError,
+    allowed_host,
+    is_unicode,
+)
 
 _READ_CHUNK = 1 << 16
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -81,13 +88,15 @@ def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) ->
     return bool(address.is_global) and not address.is_multicast
 
 
-def _allowed_by_list(host: str, address: Any, allowed: Iterable[str]) -> bool:
+def _allowed_by_list(host: str, address: Any, port: int, allowed: Iterable[str]) -> bool:
     for entry in allowed:
-        entry = entry.strip().lower().strip("[]")
-        if entry == host:
+        name, only_port = allowed_host(entry)
+        if only_port is not None and only_port != port:
+            continue
+        if name == host:
             return True
         try:
-            if address in ipaddress.ip_network(entry, strict=False):
+            if address in ipaddress.ip_network(name, strict=False):
                 return True
         except ValueError:
             continue
@@ -219,7 +228,7 @@ def _get(
     for family, sockaddr in addresses:
         address = ipaddress.ip_address(sockaddr[0].split("%")[0])
         if not is_public_address(address) and not _allowed_by_list(
-            host, address, limits.allowed_hosts
+            host, address, port, limits.allowed_hosts
         ):
             raise ForbiddenAddressError(
                 f"Did not fetch {_short(url)}: its host {host} is a loopback, private or "

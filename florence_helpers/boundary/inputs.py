@@ -16,8 +16,10 @@ module decides, in one place, what may come in:
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 import reprlib
 import urllib.parse
 import urllib.request
@@ -153,6 +155,37 @@ def check_text(value: Any, name: str, *, max_chars: int | None = None) -> str | 
     return value
 
 
+_HOST_NAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]*[a-z0-9_])?\.?")
+
+
+def allowed_host(entry: Any) -> tuple[str, int | None]:
+    """An ``allowed_hosts`` entry as (host name or network, port or None for every port).
+
+    Raises:
+        SettingError: Not a host name, address or network, optionally with ``:port``.
+    """
+    text = entry.strip().lower() if isinstance(entry, str) else ""
+    host, port = text, None
+    bracketed = re.fullmatch(r"\[([^\]]+)\](?::(\d{1,5}))?", text)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        ipaddress.ip_network(host, strict=False)
+        fits = True
+    except ValueError:
+        fits = bool(_HOST_NAME.fullmatch(host)) and ":" not in host
+    if port is not None and (not port.isdigit() or not 0 < int(port) < 65536 or "/" in host):
+        fits = False
+    if not fits:
+        raise SettingError(
+            f"allowed_hosts holds {shown(entry)}: give a host name, an address or a network "
+            "(images.local, 127.0.0.1, 10.0.0.0/8), optionally with :port (127.0.0.1:8001)."
+        )
+    return host, None if port is None else int(port)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputLimits:
     """What an outside image may cost, and where it may come from.
@@ -165,8 +198,9 @@ class InputLimits:
             connecting, headers, every redirect and the body together.
         allowed_hosts: Host names (``"images.local"``) or addresses and networks
             (``"127.0.0.1"``, ``"10.0.0.0/8"``) a URL may reach although they are loopback,
-            private, link-local or otherwise not public. Empty by default: only public
-            addresses are contacted.
+            private, link-local or otherwise not public, on every port; with a port
+            (``"127.0.0.1:8001"``, ``"[::1]:8001"``, ``"images.local:8080"``) on that port
+            only. Empty by default: only public addresses are contacted.
         allowed_folders: Folders local paths must lie in (after following symbolic links);
             ``None`` (the default) allows any path, an empty tuple none at all.
         max_redirects: Redirects followed, at most.
@@ -192,8 +226,7 @@ class InputLimits:
         if isinstance(self.allowed_hosts, str):
             raise SettingError("allowed_hosts must be a list of host names or networks.")
         for host in self.allowed_hosts:
-            if not isinstance(host, str) or not host.strip():
-                raise SettingError(f"allowed_hosts holds {host!r}: give host names or networks.")
+            allowed_host(host)
         folders = self.allowed_folders
         if folders is not None and (isinstance(folders, str | os.PathLike)):
             raise SettingError("allowed_folders must be a list of folders.")

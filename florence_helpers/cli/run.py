@@ -67,8 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST",
-        help="let an image URL reach this host or network although it is not public "
-        "(e.g. 127.0.0.1 or 10.0.0.0/8); repeatable",
+        help="let an image URL reach this host or network although it is not public, on "
+        "every port or as HOST:PORT on one (e.g. 10.0.0.0/8, 127.0.0.1:8001); repeatable",
     )
     return parser
 

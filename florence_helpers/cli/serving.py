@@ -48,7 +48,8 @@ def _parser(mcp: bool) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST",
-        help="a non-public host or network image URLs may reach (e.g. 10.0.0.0/8); repeatable",
+        help="a non-public host or network image URLs may reach, on every port or as "
+        "HOST:PORT on one (e.g. 10.0.0.0/8, 127.0.0.1:8001); repeatable",
     )
     return parser
 

@@ -42,8 +42,9 @@ class ServeSettings:
         cors_origins: Web origins whose pages may call the server (``https://app.example``);
             empty: CORS off, and cross-origin browser requests refused.
         docs: Serve /docs and /openapi.json.
-        fetch_hosts: Non-public hosts or networks a ``url`` may reach (see
-            :class:`~florence_helpers.boundary.inputs.InputLimits`); empty: public addresses only.
+        fetch_hosts: Non-public hosts or networks a ``url`` may reach, on every port or, as
+            ``host:port``, on one (see :class:`~florence_helpers.boundary.inputs.InputLimits`);
+            empty: public addresses only.
         allowed_folders: For the MCP tools: folders whose images they may read (empty: none).
         fetch_workers: URLs fetched at once (their own threads, apart from decoding).
         decode_workers: Images decoded at once.
@@ -93,6 +94,7 @@ class ServeSettings:
             check_number(getattr(self, name), name, minimum=0, above=True)
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty string, or None for no key.")
+        self.input_limits()  # an allowed host that cannot be read is refused at startup
 
     @property
     def max_image_bytes(self) -> int:
