@@ -261,7 +261,7 @@ def _pattern_key(pattern: Mapping[str, Any], module: str) -> str | None:
 
 
 def _read_adapter_config(source: Path) -> dict[str, Any]:
-    from .adapters import AdapterError, read_adapter_config
+    from .adapter_files import AdapterError, read_adapter_config
 
     try:
         return read_adapter_config(source)

@@ -1,0 +1,211 @@
+"""An adapter folder's files checked before peft reads them: ``adapter_config.json`` (types,
+ranks, settings that would change the model while loading) and the weight file's tensor
+shapes, read from its header.
+
+Part of the model layer: imports only :mod:`florence_helpers.boundary` and this subpackage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+class AdapterError(ValueError):
+    """Raised for a folder that does not hold a LoRA adapter this model can take."""
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict.
+
+    Raises:
+        FileNotFoundError: There is none.
+        AdapterError: It is not JSON, or not a JSON object.
+    """
+
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"No LoRA adapter in {folder}: adapter_config.json is missing.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{config_path} is not valid JSON ({error}).") from None
+    except OSError as error:
+        raise AdapterError(f"Could not read {config_path}: {error.strerror or error}.") from None
+    if not isinstance(config, dict):
+        raise AdapterError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an adapter configuration."
+        )
+    _check_config_types(config, config_path)
+    return config
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_texts(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# The fields of adapter_config.json this package and peft read, each with what it may be
+# (null is always allowed: peft's default). peft would otherwise fail on these deep inside
+# its module matching, or take a string for a list of one-letter module names.
+_CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
+    "peft_type": (_is_text, "a string"),
+    "r": (lambda v: _is_whole(v) and v >= 1, "a whole number of at least 1"),
+    "lora_alpha": (_is_number, "a number"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v < 1, "a number from 0 to below 1"),
+    "target_modules": (lambda v: _is_text(v) or _is_texts(v), "a string or a list of strings"),
+    "exclude_modules": (lambda v: _is_text(v) or _is_texts(v), "a string or a list of strings"),
+    "modules_to_save": (_is_texts, "a list of strings"),
+    "layers_pattern": (lambda v: _is_text(v) or _is_texts(v), "a string or a list of strings"),
+    "layers_to_transform": (
+        lambda v: _is_whole(v) or (isinstance(v, list) and all(_is_whole(i) for i in v)),
+        "a whole number or a list of them",
+    ),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_whole(i) and i >= 1 for i in v.values()),
+        "an object of module patterns and ranks (whole numbers of at least 1)",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_is_number(i) for i in v.values()),
+        "an object of module patterns and alphas (numbers)",
+    ),
+    "base_model_name_or_path": (_is_text, "a string"),
+    "task_type": (_is_text, "a string"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "'none', 'all' or 'lora_only'"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
+    """Refuse an adapter configuration with a field of the wrong type, naming it."""
+    for field, (fits, expected) in _CONFIG_FIELDS.items():
+        value = config.get(field)
+        if value is not None and not fits(value):
+            if field == "r":
+                raise AdapterError(
+                    f"{config_path}: the rank r must be a whole number of at least 1, got "
+                    f"{value!r}."
+                )
+            raise AdapterError(
+                f"{config_path}: {field} is {value!r}, but must be {expected} (or null). The "
+                "file is damaged or was edited by hand: save or download the adapter again."
+            )
+
+
+# Fields that make peft copy layers or compute weights while building the adapter: refused.
+# (init_lora_weights is not: loading always starts from plain LoRA, see load_adapter.)
+_STRUCTURE_FIELDS = ("layer_replication", "megatron_config", "loftq_config")
+
+
+def _check_adapter_folder(folder: Path) -> Path:
+    """Check the adapter's files before peft reads them; the weight file's path."""
+    config_path = folder / "adapter_config.json"
+    config = read_adapter_config(folder)
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise AdapterError(
+            f"{config_path} describes a {kind!r} adapter; this package loads LoRA adapters "
+            "(peft_type 'LORA')."
+        )
+    rank = config.get("r")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"{config_path}: the rank r must be a whole number of at least 1.")
+    for field in _STRUCTURE_FIELDS:
+        if config.get(field) not in (None, False, [], {}):
+            raise AdapterError(
+                f"{config_path} sets {field}, which changes the model's structure or weights "
+                "while loading; this package loads plain LoRA adapters only."
+            )
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise AdapterError(
+        f"{folder} has an adapter_config.json but no weights (adapter_model.safetensors)."
+    )
+
+
+_LORA_A = re.compile(r"lora_(?:embedding_)?A(?:\.|$)")
+_LORA_B = re.compile(r"lora_(?:embedding_)?B(?:\.|$)")
+
+
+def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse, before peft allocates anything, a configuration asking for a larger rank than
+    the weight file holds: the LoRA matrices are made at the configured rank, so a 40 kB
+    folder saying ``r: 1000000`` would ask for gigabytes before failing on a size mismatch.
+
+    The rank of a saved tensor is the first dimension of a ``lora_A`` (or
+    ``lora_embedding_A``) matrix and the second of a ``lora_B`` (``lora_embedding_B``); an
+    empty tensor (a dimension of 0, no data) counts as damage, not as a rank.
+    """
+    config = read_adapter_config(folder)
+    pattern = config.get("rank_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise AdapterError(f"{folder / 'adapter_config.json'}: rank_pattern must be an object.")
+    asked = [config.get("r"), *pattern.values()]
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in asked):
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'}: every rank (r, rank_pattern) must be a whole "
+            "number of at least 1."
+        )
+    empty = sorted(name for name, shape in shapes.items() if 0 in shape)
+    if empty:
+        raise AdapterError(
+            f"{folder}: the adapter's weight {empty[0]} is empty (a dimension of size 0): the "
+            "weight file is damaged."
+        )
+    saved = [shape[0] for name, shape in shapes.items() if _LORA_A.search(name) and shape]
+    saved += [shape[1] for name, shape in shapes.items() if _LORA_B.search(name) and len(shape) > 1]
+    if not saved:
+        raise AdapterError(f"{folder}: the adapter's weight file holds no LoRA matrices.")
+    if max(asked) > max(saved):
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'} asks for rank {max(asked)}, but the adapter's "
+            f"weights have rank {max(saved)} at most: the configuration does not belong to "
+            "these weights."
+        )
+
+
+def _saved_weight_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes in an adapter's weight file, which is checked whole first
+    (a safetensors file's shapes are read from its header, nothing is loaded).
+
+    Raises:
+        AdapterError: The file is damaged or cut short, or a ``.bin`` is a pickle holding
+            more than tensors (it is never unpickled), naming the file.
+    """
+    from .weight_files import CheckpointError, read_weight_file
+
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(weights, "pt") as handle:
+                return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        except OSError as error:
+            raise AdapterError(f"Could not read {weights}: {error.strerror or error}.") from None
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise AdapterError(
+                f"{weights}: this safetensors file is damaged or cut short ({text}). Save or "
+                "download the adapter again."
+            ) from None
+    try:
+        return {k: tuple(v.shape) for k, v in read_weight_file(weights).items()}
+    except CheckpointError as error:
+        raise AdapterError(str(error).replace("the checkpoint", "the adapter")) from None
