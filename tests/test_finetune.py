@@ -329,6 +329,23 @@ def test_a_target_longer_than_the_decoder_can_write_is_refused(fresh, shapes):
         train(fresh, [long, shapes[1]], TrainingConfig(epochs=1), progress=False)
 
 
+@pytest.mark.parametrize("where", ["question", "validation answer"])
+def test_a_prompt_or_a_validation_answer_too_long_is_refused_before_training(
+    fresh, shapes, where
+):
+    # Past the encoder's or decoder's positions torch fails with an IndexError, and for a
+    # validation sample only after a whole epoch.
+    long = "circle<loc_1><loc_2><loc_3><loc_4>" * 300
+    if where == "question":
+        samples, validation = [dataclasses.replace(shapes[0], prompt="What is " * 1500)], None
+        message = r"Sample .*image 1 .*: The prompt is too long"
+    else:
+        samples, validation = shapes[:1], [dataclasses.replace(shapes[1], target=long)]
+        message = r"longer than the 1024 tokens"
+    with pytest.raises(ValueError, match=message):
+        train(fresh, samples, TrainingConfig(epochs=1), validation=validation, progress=False)
+
+
 def test_evaluate_samples_scores_canned_answers(florence, tmp_path):
     Image.new("RGB", (640, 480)).save(tmp_path / "photo.jpg")
     lines = [

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..language.prompts import TaskInputError
+from ..model.inference import check_prompt_lengths
 from ..model.loading import FlorenceModel, base_model, vision_tower
 from ..model.prefetch import prefetched
 from .config import TrainingConfig, TrainingHistory
@@ -83,7 +85,8 @@ def train(
     samples = list(samples)
     model = florence.model
     params = _trainable_parameters(model, config, samples)
-    _check_target_lengths(florence, samples)
+    validation = list(validation) if validation is not None else None
+    _check_lengths(florence, [*samples, *(validation or [])])
     steps_per_epoch = math.ceil(math.ceil(len(samples) / config.batch_size) / _accumulation(config))
     total_steps = steps_per_epoch * config.epochs
     optimizer, scheduler = _optimizer_and_schedule(params, config, total_steps)
@@ -231,8 +234,15 @@ def validation_loss(
     return total / tokens if tokens else float("nan")
 
 
-def _check_target_lengths(florence: FlorenceModel, samples: Sequence[TrainingSample]) -> None:
-    """Refuse targets longer than the decoder can write, naming a few of them."""
+def _check_lengths(florence: FlorenceModel, samples: Sequence[TrainingSample]) -> None:
+    """Refuse prompts longer than the encoder reads and targets longer than the decoder
+    writes (training and validation samples both: past either, torch fails deep inside with
+    an index error, after an epoch for a validation sample), naming a few of them."""
+    for sample in samples:
+        try:
+            check_prompt_lengths(florence, [sample.prompt], 1)
+        except TaskInputError as error:
+            raise ValueError(f"Sample {sample.sample_id}: {error}") from None
     limit = base_model(florence.model).config.text_config.max_position_embeddings
     tokenizer = florence.processor.tokenizer
     too_long = [s.sample_id for s in samples if len(tokenizer(s.target)["input_ids"]) > limit]
