@@ -330,9 +330,7 @@ def test_a_target_longer_than_the_decoder_can_write_is_refused(fresh, shapes):
 
 
 @pytest.mark.parametrize("where", ["question", "validation answer"])
-def test_a_prompt_or_a_validation_answer_too_long_is_refused_before_training(
-    fresh, shapes, where
-):
+def test_a_prompt_or_a_validation_answer_too_long_is_refused_before_training(fresh, shapes, where):
     # Past the encoder's or decoder's positions torch fails with an IndexError, and for a
     # validation sample only after a whole epoch.
     long = "circle<loc_1><loc_2><loc_3><loc_4>" * 300
