@@ -949,3 +949,49 @@ def test_converted_and_saved_files_get_the_usual_mode(remote, tmp_path, load_tin
     for folder in (convert(remote, tmp_path / "new"), adapter):
         modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
         assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_convert_copies_an_adapters_own_small_files_and_nothing_a_link_points_to(
+    remote_adapter, tmp_path
+):
+    # The adapter folder's other files go along, but a symbolic link once gave the new folder
+    # (the one a user publishes) the file it pointed to: /proc/self/environ with the user's
+    # tokens, ~/.ssh/id_rsa. And a sparse file of 3 GB (52 kB on disk) was written out whole.
+    old = tmp_path / "old"
+    shutil.copytree(remote_adapter, old)
+    (old / "README.md").write_text("# my adapter\n")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hf_token_of_the_user")
+    (old / "notes.txt").symlink_to(secret)
+    (old / "environ").symlink_to("/proc/self/environ")
+    with open(old / "huge.log", "wb") as handle:
+        handle.truncate(3 * 2**30)
+    os.mkfifo(old / "pipe")
+    (old / "checkpoint-100").mkdir()
+    with pytest.warns(UserWarning, match=r"Not copied into .*") as warned:
+        new = convert(old, tmp_path / "new")
+    message = str(warned[0].message)
+    for name in ("environ (", "huge.log (", "notes.txt (", "pipe ("):
+        assert name in message
+    assert sorted(p.name for p in new.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert (new / "README.md").read_text() == "# my adapter\n"
+    assert not any(b"hf_token" in p.read_bytes() for p in new.iterdir())
+
+
+def test_convert_matches_rank_patterns_in_bounded_time(remote_adapter, tmp_path, monkeypatch):
+    from florence_helpers.model import adapter_files
+
+    old = tmp_path / "old"
+    shutil.copytree(remote_adapter, old)
+    config = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(
+        json.dumps({**config, "rank_pattern": {r"((\w|\.)+)+!": 2}})
+    )
+    monkeypatch.setattr(adapter_files, "PATTERN_SECONDS", 2.0)
+    with pytest.raises(CheckpointError, match=r"take more than 2 s to match"):
+        convert(old, tmp_path / "new")
+    assert _left_in(tmp_path) == ["old"]

@@ -98,3 +98,37 @@ def test_images_with_no_detections_count_as_misses():
 def test_unknown_images_are_named():
     with pytest.raises(KeyError, match="dog.jpg"):
         evaluate_detections(GT, {"dog.jpg": boxes("dog.jpg", [])})
+
+
+@pytest.mark.parametrize(
+    "ground_truth, message",
+    [
+        ({"images": 5, "annotations": [], "categories": []}, "has no 'images' list"),
+        ({}, "has no 'images' list"),
+        (
+            {"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.jpg"}],
+             "annotations": [], "categories": []},
+            "two images share the id 2 or the file name 'a.jpg'",
+        ),
+        (
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "categories": [{"id": 1, "name": "a"}],
+             "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 5]}]},
+            "annotation #0: its bbox must be [x, y, width, height], four finite numbers",
+        ),
+        (
+            {"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": [],
+             "categories": []},
+            "image #0 is not an object with an id",
+        ),
+    ],
+)  # fmt: skip
+def test_a_ground_truth_that_is_not_coco_is_refused_with_what_is_wrong(ground_truth, message):
+    with pytest.raises(ValueError) as raised:
+        evaluate_detections(ground_truth, {})
+    assert message in str(raised.value)
+
+
+def test_a_ground_truth_file_is_read_as_read_coco_reads_it(tmp_path):
+    (tmp_path / "gt.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(ValueError, match=r"gt\.json is not valid JSON"):
+        evaluate_detections(tmp_path / "gt.json", {})

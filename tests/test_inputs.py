@@ -577,3 +577,31 @@ def test_any_file_url_is_an_image_or_an_image_load_error(text):
         load_image("file://" + text)
     except ImageLoadError:
         pass
+
+
+def test_read_file_reads_only_a_regular_file_of_bounded_size(tmp_path):
+    from florence_helpers.boundary.inputs import InputError, read_file
+
+    data = tmp_path / "data.json"
+    data.write_bytes(b"{}")
+    assert read_file(data) == b"{}"
+    assert read_file(data, max_bytes=2) == b"{}"
+    with pytest.raises(InputError, match=r"holds 3 bytes, more than the 2 bytes read at most"):
+        data.write_bytes(b"{ }")
+        read_file(data, max_bytes=2)
+    link = tmp_path / "link.json"
+    link.symlink_to(data)
+    assert read_file(link) == b"{ }"
+    with pytest.raises(InputError, match=r"link\.json: it is a symbolic link"):
+        read_file(link, follow_links=False)
+    with pytest.raises(InputError, match=r"it is a directory"):
+        read_file(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"File not found: .*missing\.json"):
+        read_file(tmp_path / "missing.json")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InputError, match=r"fifo: it is not a regular file"):
+        read_file(tmp_path / "fifo")
+    with open(tmp_path / "sparse", "wb") as handle:
+        handle.truncate(2**40)
+    with pytest.raises(InputError, match=r"holds 1024.0 GiB, more than the 1.0 GiB"):
+        read_file(tmp_path / "sparse")

@@ -9,6 +9,7 @@
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -515,3 +516,128 @@ def test_adapter_settings_that_change_the_model_while_loading_are_refused(
     with pytest.raises(AdapterError, match=f"sets {field}"):
         load_adapter(florence, adapter_copy)
     _assert_untouched(florence, before)
+
+
+# Patterns peft turns into regular expressions, each with a pattern that backtracks for ever
+# against a module name of the tiny model (ninth hostile review): refused within the deadline.
+_BACKTRACKS = r"((\w|\.)+)+!"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target_modules": _BACKTRACKS},
+        {"exclude_modules": _BACKTRACKS},
+        {"rank_pattern": {_BACKTRACKS: 4}},
+        {"alpha_pattern": {_BACKTRACKS: 8}},
+        {"modules_to_save": [_BACKTRACKS]},
+        {"layers_pattern": [_BACKTRACKS], "layers_to_transform": [0]},
+    ],
+    ids=lambda change: next(iter(change)),
+)
+def test_a_module_pattern_that_backtracks_for_ever_is_refused_in_bounded_time(
+    load_tiny, adapter_copy, change, monkeypatch
+):
+    import time
+
+    import peft
+
+    from florence_helpers.model import adapter_files
+
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, **change}))
+    florence = load_tiny()
+    monkeypatch.setattr(adapter_files, "PATTERN_SECONDS", 2.0)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    started = time.monotonic()
+    with pytest.raises(AdapterError, match=r"take more than 2 s to match the model's \d+ module"):
+        load_adapter(florence, adapter_copy)
+    assert time.monotonic() - started < 30
+
+
+def test_a_pattern_that_is_not_a_regular_expression_is_named(load_tiny, adapter_copy):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["rank_pattern"] = {"fc1": 4, "(unclosed": 4}
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"rank_pattern holds '\(unclosed', which is not a"):
+        load_adapter(load_tiny(), adapter_copy)
+
+
+def test_patterns_a_person_writes_still_load_and_apply(load_tiny, adapter_copy, saved_adapter):
+    # The same adapter with its per-module ranks spelt as patterns: every pattern reaches peft.
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["rank_pattern"] = {r"encoder\.layers\.\d+\.fc1": 4, "decoder.*fc2": 4}
+    config["alpha_pattern"] = {"fc1": config["lora_alpha"]}
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    adapted = load_adapter(load_tiny(), adapter_copy)
+    loaded = adapted.model.peft_config["default"]
+    assert loaded.rank_pattern == config["rank_pattern"]
+    assert torch.equal(_logits(adapted), _logits(load_adapter(load_tiny(), saved_adapter)))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("trainable_token_indices", [0] * 1000),
+        ("target_parameters", ["weight"]),
+        ("use_qalora", True),
+        ("eva_config", {"rho": 2.0}),
+    ],
+)
+def test_peft_settings_beyond_plain_lora_are_refused_before_peft_runs(
+    load_tiny, adapter_copy, field, value, monkeypatch
+):
+    # trainable_token_indices made peft allocate two rows per entry: a 2 MB configuration
+    # cost 1.5 GB on the tiny model (ninth hostile review); every such setting is refused.
+    import peft
+
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, field: value}))
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=f"sets {field} .*which this package does not load"):
+        load_adapter(load_tiny(), adapter_copy)
+
+
+def test_a_list_of_a_million_modules_is_refused(load_tiny, adapter_copy):
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["target_modules"] = ["fc1"] * 1_000_000
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"target_modules is .* with at most 10,000 entries"):
+        load_adapter(load_tiny(), adapter_copy)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_an_adapter_config_that_is_not_a_small_file_is_refused(load_tiny, adapter_copy, kind):
+    config = adapter_copy / "adapter_config.json"
+    config.unlink()
+    if kind == "fifo":
+        os.mkfifo(config)  # a reader would wait for a writer for ever
+    elif kind == "dev-zero":
+        config.symlink_to("/dev/zero")
+    else:
+        with open(config, "wb") as handle:  # sparse: no disk space, 20 GB to read
+            handle.truncate(20 * 2**30)
+    with pytest.raises(AdapterError, match=r"not a regular file|more than the 16.0 MiB"):
+        load_adapter(load_tiny(), adapter_copy)
+
+
+def test_module_patterns_match_as_peft_itself_matches_them(load_tiny, tmp_path):
+    # The bounded matcher must pick what peft picks: checked against peft's own functions.
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    from florence_helpers.model.adapter_files import match_module_patterns
+
+    names = [name for name, _ in load_tiny().model.named_modules()]
+    ranks = {r"encoder\.layers\.\d+\.fc1": 2, "fc1": 3, "decoder.*(q|k)_proj": 4, "out_proj": 5}
+    for target in (r".*\.(fc1|fc2)", ["fc1", "self_attn.q_proj"], "language_model.*proj"):
+        config = {"target_modules": target, "rank_pattern": ranks}
+        first = match_module_patterns(config, names, tmp_path / "adapter_config.json")
+        peft_config = LoraConfig(target_modules=target, rank_pattern=ranks)
+        for name, index in zip(names, first["target_modules"], strict=True):
+            assert (index is not None) == bool(check_target_module_exists(peft_config, name))
+        keys = list(ranks)
+        for name, index in zip(names, first["rank_pattern"], strict=True):
+            expected = get_pattern_key(keys, name)
+            assert (keys[index] if index is not None else name) == expected, name

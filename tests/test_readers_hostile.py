@@ -767,3 +767,23 @@ def test_a_hand_edited_result_is_a_label_file_error_not_a_crash(tmp_path, result
     with pytest.raises(LabelFileError, match="Record 1: its result cannot be read"):
         export_coco([{**record, "error": None, "result": result}], tmp_path / "coco.json")
     assert not (tmp_path / "coco.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "sparse"])
+def test_a_dataset_file_that_is_not_a_regular_file_of_sane_size_is_refused(folder, kind):
+    # annotations.json -> /dev/zero grew to 2.3 GB before a MemoryError, and a FIFO blocked a
+    # reader for ever (ninth hostile review): refused from the open descriptor, at once.
+    import os
+
+    (folder / kind).mkdir()
+    for name, reader in (("annotations.json", read_coco), ("qa.jsonl", read_qa)):
+        path = folder / kind / name
+        if kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "dev-zero":
+            path.symlink_to("/dev/zero")
+        else:
+            with open(path, "wb") as handle:
+                handle.truncate(2**31)  # 2 GiB that take no disk space
+        with pytest.raises(ValueError, match=r"not a regular file|more than the 1.0 GiB"):
+            reader(path)

@@ -9,6 +9,9 @@ module decides, in one place, what may come in:
   a local path may name.
 - :func:`check_local_path`: a local path resolved (symbolic links followed) and, when
   :attr:`InputLimits.allowed_folders` is set, refused outside those folders.
+- :func:`read_file`: a local data file's bytes (a dataset, a configuration), read only from a
+  regular file of a bounded size: never a FIFO, a device such as ``/dev/zero`` or a sparse file
+  of a terabyte.
 - :func:`check_number` and :func:`check_text`: settings checked for type and range (NaN and
   infinity included) with a message that names the setting.
 """
@@ -21,6 +24,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -40,6 +44,16 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 MAX_REDIRECTS = 5
+
+
+MAX_DATA_FILE_BYTES = 2**30
+"""The largest data file read whole (a COCO or JSONL dataset, a label file): 1 GiB. COCO 2017's
+largest annotation file is 448 MB; parsing a JSON file takes several times its size in memory."""
+
+
+MAX_CONFIG_FILE_BYTES = 16 * 2**20
+"""The largest configuration file read (``config.json``, ``adapter_config.json``, a weight
+index): 16 MiB, a hundred times the largest that transformers or peft write."""
 
 
 class InputError(ValueError):
@@ -301,3 +315,81 @@ def check_local_path(path: str | os.PathLike, limits: InputLimits | None = None)
         f"Did not read {path}: it is outside the folders this server may read "
         f"({', '.join(str(f) for f in folders)})."
     )
+
+
+def read_file(
+    path: str | os.PathLike,
+    *,
+    max_bytes: int | None = MAX_DATA_FILE_BYTES,
+    follow_links: bool = True,
+) -> bytes:
+    """A local file's bytes, read from the descriptor that was checked.
+
+    The file is opened without blocking and everything is decided on the open descriptor: it
+    must be a regular file (a FIFO would block a reader forever, ``/dev/zero`` never ends) of
+    at most ``max_bytes`` (a sparse file takes no disk space whatever size it claims).
+
+    Args:
+        path: The file.
+        max_bytes: The largest size read; None for any size (the user's own files, such as
+            a label file that grows with every job).
+        follow_links: False refuses a symbolic link (its target may be any file of the user's).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        InputError: It is not a regular file, is larger than ``max_bytes``, is a symbolic link
+            where ``follow_links`` is false, or cannot be read; the message names it.
+
+    Example:
+        >>> try:
+        ...     read_file("/dev/zero")
+        ... except InputError as error:
+        ...     print(error)
+        Cannot read /dev/zero: it is not a regular file.
+    """
+    name = os.fsdecode(os.fspath(path))
+    if "\x00" in name:
+        raise InputError("A file path cannot hold a NUL character.")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
+    if not follow_links:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(expand_path(name), flags)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"File not found: {name}") from None
+    except OSError as error:
+        if not follow_links and os.path.islink(expand_path(name)):
+            raise InputError(f"Did not read {name}: it is a symbolic link.") from None
+        raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(f"Cannot read {name}: it is a directory, not a file.")
+        raise InputError(f"Cannot read {name}: it is not a regular file.")
+    with os.fdopen(descriptor, "rb") as handle:
+        limit = max_bytes if max_bytes is not None else math.inf
+        if info.st_size > limit:
+            raise InputError(_too_large(name, info.st_size, limit))
+        try:
+            data = handle.read(info.st_size)
+            while more := handle.read(1 << 20):  # it grew since fstat: read on, to the limit
+                data += more
+                if len(data) > limit:
+                    raise InputError(_too_large(name, len(data), limit))
+        except OSError as error:
+            raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
+    return data
+
+
+def _too_large(name: str, size: int, limit: float) -> str:
+    return (
+        f"Did not read {name}: it holds {_bytes(size)}, more than the {_bytes(limit)} read at most."
+    )
+
+
+def _bytes(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import expand_path, is_url, local_path
+from ..boundary.inputs import InputError, expand_path, is_url, local_path, read_file
 from ..boundary.outputs import (
     InUseError,
     lock_path,  # noqa: F401 - where label code has looked for it
@@ -222,7 +222,10 @@ def _scan(out: Path, job: dict[str, Any]) -> FileContents:
     empty = FileContents(set(), set(), [], None, 0, 0)
     if not out.exists():
         return empty
-    data = out.read_bytes()
+    try:  # any size (it grows with every job), but a regular file
+        data = read_file(out, max_bytes=None)
+    except InputError as error:
+        raise LabelFileError(str(error)) from None
     empty.size = len(data)
     if not data.strip():
         return empty

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import expand_path
+from ..boundary.inputs import InputError, expand_path, read_file
 from ..boundary.outputs import check_outputs, write_atomically
 from ..language.results import AnyResult, BoxesResult, PolygonsResult, Result
 from .files import LabelFileError, _is_header, check_record
@@ -68,10 +68,10 @@ def read_labels(
 
 def _numbered_records(file: Path, on_error: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """The records of one label file with their line numbers (job lines left out)."""
-    try:
-        data = file.read_bytes()
-    except OSError as error:
-        raise LabelFileError(f"Cannot read {file}: {error.strerror or error}.") from None
+    try:  # a label file of any size, but a regular file (not a FIFO, not /dev/zero)
+        data = read_file(file, max_bytes=None)
+    except (OSError, InputError) as error:
+        raise LabelFileError(str(error)) from None
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..boundary.inputs import MAX_CONFIG_FILE_BYTES, InputError, read_file, shown
 
 
 class AdapterError(ValueError):
@@ -26,19 +31,28 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
     """
 
     config_path = folder / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"No LoRA adapter in {folder}: adapter_config.json is missing.")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        data = read_file(config_path, max_bytes=MAX_CONFIG_FILE_BYTES)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"No LoRA adapter in {folder}: adapter_config.json is missing."
+        ) from None
+    except InputError as error:  # a FIFO, a device, a directory, or far too large
+        raise AdapterError(str(error)) from None
+    try:
+        config = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterError(f"{config_path} is not valid JSON ({error}).") from None
-    except OSError as error:
-        raise AdapterError(f"Could not read {config_path}: {error.strerror or error}.") from None
+    except RecursionError:
+        raise AdapterError(
+            f"{config_path} is nested too deeply to be an adapter configuration."
+        ) from None
     if not isinstance(config, dict):
         raise AdapterError(
             f"{config_path} holds a JSON {type(config).__name__}, not an adapter configuration."
         )
     _check_config_types(config, config_path)
+    _check_other_fields(config, config_path)
     return config
 
 
@@ -54,8 +68,21 @@ def _is_whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_PATTERNS = 10_000
+"""The most module names or patterns one field of adapter_config.json may hold: a model has a
+few thousand modules."""
+
+
 def _is_texts(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return (
+        isinstance(value, list)
+        and len(value) <= MAX_PATTERNS
+        and all(isinstance(item, str) for item in value)
+    )
+
+
+def _is_table(value: Any, fits: Any) -> bool:
+    return isinstance(value, dict) and len(value) <= MAX_PATTERNS and all(map(fits, value.values()))
 
 
 # The fields of adapter_config.json this package and peft read, each with what it may be
@@ -71,15 +98,18 @@ _CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "modules_to_save": (_is_texts, "a list of strings"),
     "layers_pattern": (lambda v: _is_text(v) or _is_texts(v), "a string or a list of strings"),
     "layers_to_transform": (
-        lambda v: _is_whole(v) or (isinstance(v, list) and all(_is_whole(i) for i in v)),
+        lambda v: (
+            _is_whole(v)
+            or (isinstance(v, list) and len(v) <= MAX_PATTERNS and all(_is_whole(i) for i in v))
+        ),
         "a whole number or a list of them",
     ),
     "rank_pattern": (
-        lambda v: isinstance(v, dict) and all(_is_whole(i) and i >= 1 for i in v.values()),
+        lambda v: _is_table(v, lambda i: _is_whole(i) and i >= 1),
         "an object of module patterns and ranks (whole numbers of at least 1)",
     ),
     "alpha_pattern": (
-        lambda v: isinstance(v, dict) and all(_is_number(i) for i in v.values()),
+        lambda v: _is_table(v, _is_number),
         "an object of module patterns and alphas (numbers)",
     ),
     "base_model_name_or_path": (_is_text, "a string"),
@@ -89,7 +119,17 @@ _CONFIG_FIELDS: dict[str, tuple[Any, str]] = {
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "ensure_weight_tying": (lambda v: isinstance(v, bool), "true or false"),
 }
+# Lists and tables are capped at MAX_PATTERNS entries (the messages say so).
+_CAPPED = ("target_modules", "exclude_modules", "modules_to_save", "layers_pattern",
+           "layers_to_transform", "rank_pattern", "alpha_pattern")  # fmt: skip
+
+# Read by this package or peft without acting on the model: metadata, and the initialisation
+# (loading always starts from plain LoRA, see load_adapter) and runtime settings it replaces.
+_IGNORED_FIELDS = ("auto_mapping", "peft_version", "revision", "init_lora_weights",
+                   "runtime_config", "megatron_core")  # fmt: skip
 
 
 def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
@@ -102,10 +142,140 @@ def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
                     f"{config_path}: the rank r must be a whole number of at least 1, got "
                     f"{value!r}."
                 )
+            capped = f", with at most {MAX_PATTERNS:,} entries" if field in _CAPPED else ""
             raise AdapterError(
-                f"{config_path}: {field} is {value!r}, but must be {expected} (or null). The "
-                "file is damaged or was edited by hand: save or download the adapter again."
+                f"{config_path}: {field} is {shown(value)}, but must be {expected}{capped} (or "
+                "null). The file is damaged or was edited by hand: save or download the "
+                "adapter again."
             )
+
+
+def _check_other_fields(config: dict[str, Any], config_path: Path) -> None:
+    """Refuse any other setting peft acts on, unless it holds peft's default: trainable token
+    rows (``trainable_token_indices`` allocates a row per entry), weight initialisations that
+    compute (EVA, CorDA, LoRA-GA...), layer copies, and what newer peft versions add. A plain
+    LoRA adapter saved by peft holds the defaults."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    for field in dataclasses.fields(LoraConfig):
+        name = field.name
+        if name in _CONFIG_FIELDS or name in _IGNORED_FIELDS or name not in config:
+            continue
+        value = config[name]
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = None
+        if value in (None, False, [], {}) or value == default:
+            continue
+        if name in _STRUCTURE_FIELDS:
+            raise AdapterError(
+                f"{config_path} sets {name}, which changes the model's structure or weights "
+                "while loading; this package loads plain LoRA adapters only."
+            )
+        raise AdapterError(
+            f"{config_path} sets {name} ({shown(value)}), which this package does not load: "
+            "it loads plain LoRA adapters (target_modules, r, lora_alpha, rank_pattern, "
+            "alpha_pattern, modules_to_save, use_dora, use_rslora). Merge the adapter with "
+            "the tool that made it and load the merged model instead."
+        )
+
+
+PATTERN_SECONDS = 10.0
+"""How long the module patterns of an adapter_config.json may take to match a model's module
+names: microseconds for any pattern a person writes."""
+
+# peft's rules, as regular expressions built around each pattern (peft/tuners/tuners_utils.py
+# check_target_module_exists, peft/utils/other.py get_pattern_key); "listed" is its rule for a
+# list of names: the name itself or a dotted suffix.
+_MATCHER = r"""
+import json, re, sys
+job = json.load(sys.stdin)
+forms = {
+    "full": lambda p: re.compile(p).fullmatch,
+    "suffix": lambda p: re.compile(rf"(.*\.)?({p})$").match,
+    "saved": lambda p: re.compile(rf"(^|.*\.){p}($|\..*)").match,
+    "layers": lambda p: re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.").match,
+    "listed": lambda p: lambda name: name == p or name.endswith("." + p),
+}
+first = {}
+for field, (form, patterns) in job["fields"].items():
+    tests = []
+    for pattern in patterns:
+        try:
+            tests.append(forms[form](pattern))
+        except re.error as error:
+            print(json.dumps({"error": [field, pattern, str(error)]}))
+            sys.exit()
+    first[field] = [
+        next((i for i, test in enumerate(tests) if test(name)), None) for name in job["names"]
+    ]
+print(json.dumps({"first": first}))
+"""
+
+
+def match_module_patterns(
+    config: dict[str, Any], names: Iterable[str], config_path: Path
+) -> dict[str, list[int | None]]:
+    """Match the configuration's module patterns against ``names`` as peft will, in a separate
+    process given :data:`PATTERN_SECONDS`: a regular expression such as ``((\\w|\\.)+)+!``
+    backtracks for ever on a long module name, and Python cannot stop a match once begun.
+
+    Returns:
+        Per pattern field present (``target_modules``, ``exclude_modules``,
+        ``modules_to_save``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``), per
+        name, the index of the first pattern (or ``rank_pattern`` key) matching it, or None.
+
+    Raises:
+        AdapterError: A pattern is not a regular expression, or the matching took too long.
+    """
+    fields: dict[str, tuple[str, list[str]]] = {}
+    for field in ("target_modules", "exclude_modules"):
+        value = config.get(field)
+        if value:
+            fields[field] = ("full", [value]) if isinstance(value, str) else ("listed", value)
+    if config.get("modules_to_save"):
+        fields["modules_to_save"] = ("saved", config["modules_to_save"])
+    layers = config.get("layers_pattern")
+    if layers:
+        fields["layers_pattern"] = ("layers", [layers] if isinstance(layers, str) else layers)
+    for field in ("rank_pattern", "alpha_pattern"):
+        if config.get(field):
+            fields[field] = ("suffix", list(config[field]))
+    names = list(names)
+    if not fields:
+        return {}
+    job = json.dumps({"names": names, "fields": fields})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _MATCHER],
+            input=job,
+            capture_output=True,
+            text=True,
+            timeout=PATTERN_SECONDS,
+        )
+        answer = json.loads(done.stdout)
+    except subprocess.TimeoutExpired:
+        raise AdapterError(
+            f"{config_path}: its module patterns ({', '.join(fields)}) take more than "
+            f"{PATTERN_SECONDS:g} s to match the model's {len(names):,} module names (a regular "
+            "expression that backtracks without end): list the module names instead."
+        ) from None
+    except (OSError, ValueError) as error:
+        raise AdapterError(
+            f"Could not check the module patterns of {config_path}: {error}"
+        ) from None
+    if "error" in answer:
+        field, pattern, reason = answer["error"]
+        raise AdapterError(
+            f"{config_path}: {field} holds {shown(pattern)}, which is not a regular expression "
+            f"({reason})."
+        )
+    return answer["first"]
 
 
 # Fields that make peft copy layers or compute weights while building the adapter: refused.
@@ -113,8 +283,9 @@ def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
 _STRUCTURE_FIELDS = ("layer_replication", "megatron_config", "loftq_config")
 
 
-def _check_adapter_folder(folder: Path) -> Path:
-    """Check the adapter's files before peft reads them; the weight file's path."""
+def _check_adapter_folder(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """Check the adapter's files before peft reads them; the weight file's path and the
+    checked configuration."""
     config_path = folder / "adapter_config.json"
     config = read_adapter_config(folder)
     kind = config.get("peft_type")
@@ -126,15 +297,9 @@ def _check_adapter_folder(folder: Path) -> Path:
     rank = config.get("r")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"{config_path}: the rank r must be a whole number of at least 1.")
-    for field in _STRUCTURE_FIELDS:
-        if config.get(field) not in (None, False, [], {}):
-            raise AdapterError(
-                f"{config_path} sets {field}, which changes the model's structure or weights "
-                "while loading; this package loads plain LoRA adapters only."
-            )
     for name in ("adapter_model.safetensors", "adapter_model.bin"):
         if (folder / name).is_file():
-            return folder / name
+            return folder / name, config
     raise AdapterError(
         f"{folder} has an adapter_config.json but no weights (adapter_model.safetensors)."
     )
@@ -144,7 +309,7 @@ _LORA_A = re.compile(r"lora_(?:embedding_)?A(?:\.|$)")
 _LORA_B = re.compile(r"lora_(?:embedding_)?B(?:\.|$)")
 
 
-def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+def _check_ranks(folder: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse, before peft allocates anything, a configuration asking for a larger rank than
     the weight file holds: the LoRA matrices are made at the configured rank, so a 40 kB
     folder saying ``r: 1000000`` would ask for gigabytes before failing on a size mismatch.
@@ -153,7 +318,6 @@ def _check_ranks(folder: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     ``lora_embedding_A``) matrix and the second of a ``lora_B`` (``lora_embedding_B``); an
     empty tensor (a dimension of 0, no data) counts as damage, not as a rank.
     """
-    config = read_adapter_config(folder)
     pattern = config.get("rank_pattern") or {}
     if not isinstance(pattern, dict):
         raise AdapterError(f"{folder / 'adapter_config.json'}: rank_pattern must be an object.")

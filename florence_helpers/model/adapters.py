@@ -24,6 +24,7 @@ from .adapter_files import (
     _check_adapter_folder,
     _check_ranks,
     _saved_weight_shapes,
+    match_module_patterns,
 )
 from .convert_output import write_model_folder
 from .loading import FlorenceModel, is_peft
@@ -127,16 +128,20 @@ def load_adapter(
     from peft import PeftConfig, PeftModel
 
     folder = expand_path(path)
-    weights = _check_adapter_folder(folder)
+    weights, settings = _check_adapter_folder(folder)
     shapes = _saved_weight_shapes(weights)
-    _check_ranks(folder, shapes)
+    _check_ranks(folder, settings, shapes)
+    names = [name for name, _ in florence.model.named_modules()]
+    match_module_patterns(settings, names, folder / "adapter_config.json")
     saved = set(shapes)
     had_config = "peft_config" in vars(florence.model)
     try:
         with _quiet_peft():
-            config = PeftConfig.from_pretrained(str(folder))
+            # The configuration checked above, not the file read again (it may have changed).
             # Every saved tensor replaces its initial value, so none is computed: PiSSA or
             # OLoRA initialisation would rewrite the base weights (and may run for minutes).
+            fields = {k: v for k, v in settings.items() if k != "runtime_config"}
+            config = PeftConfig.from_peft_type(**PeftConfig.check_kwargs(**fields))
             config.init_lora_weights = False
             model = PeftModel.from_pretrained(
                 florence.model, str(folder), is_trainable=trainable, config=config

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import expand_path
+from ..boundary.inputs import MAX_CONFIG_FILE_BYTES, InputError, expand_path, read_file
 from .weight_files import WEIGHT_FILES, CheckpointError, _check_weight_file, _weight_files
 
 # Remote-code weight names -> native ones, applied in order to every key and module path, each
@@ -118,9 +118,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder} holds no model checkpoint: there is no config.json.")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_file(path, max_bytes=MAX_CONFIG_FILE_BYTES).decode("utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON: {error}.") from None
+    except InputError as error:  # not a regular file, or far too large for a configuration
+        raise CheckpointError(str(error)) from None
     except RecursionError:
         raise CheckpointError(f"{path} is nested too deeply to be a model configuration.") from None
     except UnicodeDecodeError:

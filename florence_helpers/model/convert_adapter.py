@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..boundary.inputs import expand_path
+from ..boundary.inputs import InputError, expand_path, read_file
+from .adapter_files import AdapterError, match_module_patterns
 from .checkpoint_files import native_name
 from .convert_output import _check_output, _reading, _written_atomically
 from .weight_files import CheckpointError, _load_weights
@@ -73,13 +74,40 @@ def convert_adapter(
     with _written_atomically(target, overwrite) as folder:
         for name, data in contents.items():
             (folder / name).write_bytes(data)
-        for extra in source.iterdir():
-            if extra.name not in _ADAPTER_FILES and extra.is_file():
-                shutil.copy2(extra, folder / extra.name)
+        left_out = _copy_extras(source, folder)
+    if left_out:
+        warnings.warn(
+            f"Not copied into {target}: {'; '.join(left_out)}.", UserWarning, stacklevel=2
+        )
     return target
 
 
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+MAX_EXTRA_BYTES = 64 * 2**20
+"""The largest other file (a README, training notes) copied along with an adapter; all of them
+together at most four times that."""
+
+
+def _copy_extras(source: Path, folder: Path) -> list[str]:
+    """Copy the adapter folder's other files into the new one: regular files only, never what
+    a symbolic link points to (it may be any file of the user's), within
+    :data:`MAX_EXTRA_BYTES` each and four times that in all. Folders are not copied.
+
+    Returns:
+        The files left out, each with why.
+    """
+    left_out, budget = [], 4 * MAX_EXTRA_BYTES
+    for extra in sorted(source.iterdir()):
+        if extra.name in _ADAPTER_FILES or (extra.is_dir() and not extra.is_symlink()):
+            continue
+        try:
+            data = read_file(extra, max_bytes=min(MAX_EXTRA_BYTES, budget), follow_links=False)
+        except (OSError, InputError) as error:
+            left_out.append(f"{extra.name} ({str(error).split(': ', 1)[-1].rstrip('.')})")
+            continue
+        budget -= len(data)
+        (folder / extra.name).write_bytes(data)
+    return left_out
 
 
 def _serialised(state: Mapping[str, torch.Tensor], suffix: str) -> bytes:
@@ -223,15 +251,20 @@ def _native_adapter_config(
                 'saves has (a LoRA adapter\'s say "peft_type": "LORA" and its rank '
                 '"r"): the file is incomplete. Save or download the adapter again.'
             )
+    # peft's rule: the first key matching the end of the module path (bounded in time).
+    only = {f: config[f] for f in ("rank_pattern", "alpha_pattern") if config.get(f)}
+    try:
+        first = match_module_patterns(only, modules.values(), path)
+    except AdapterError as error:
+        raise CheckpointError(str(error)) from None
     patterns = {}
     for field in ("rank_pattern", "alpha_pattern"):
-        pattern = config.get(field) or {}
-        keyed = {}
-        for native, remote in modules.items():
-            key = _pattern_key(pattern, remote)
-            if key is not None:
-                keyed[native] = pattern[key]
-        patterns[field] = keyed
+        keys = list(config.get(field) or {})
+        patterns[field] = {
+            native: config[field][keys[index]]
+            for native, index in zip(modules, first.get(field, [None] * len(modules)), strict=True)
+            if index is not None
+        }
     config.update(
         target_modules=sorted(modules),
         rank_pattern=patterns["rank_pattern"],
@@ -249,15 +282,6 @@ def _native_adapter_config(
         config["base_model_name_or_path"] = "florence-community/" + base.split("/", 1)[1]
     _ = state
     return config
-
-
-def _pattern_key(pattern: Mapping[str, Any], module: str) -> str | None:
-    """The key of a peft rank or alpha pattern that applies to ``module`` (peft's own rule:
-    the key matches the end of the module path)."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
 
 
 def _read_adapter_config(source: Path) -> dict[str, Any]:

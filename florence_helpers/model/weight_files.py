@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..boundary.inputs import MAX_CONFIG_FILE_BYTES, InputError, read_file
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
@@ -24,8 +26,18 @@ def _weight_files(folder: Path) -> list[Path]:
         index = folder / name
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text("utf-8"))["weight_map"].values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+                text = read_file(index, max_bytes=MAX_CONFIG_FILE_BYTES).decode("utf-8")
+                shards = sorted(set(json.loads(text)["weight_map"].values()))
+            except InputError as error:  # not a regular file, or far too large for an index
+                raise CheckpointError(str(error)) from None
+            except (
+                json.JSONDecodeError,
+                UnicodeDecodeError,
+                KeyError,
+                TypeError,
+                AttributeError,
+                RecursionError,
+            ):
                 raise CheckpointError(
                     f"{index} is not a weight index (JSON with a weight_map of weight names to "
                     "files): the download is incomplete or damaged."

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +19,8 @@ from ..drawing.conversions import coco_categories
 from ..language.regions import LOC_TOKEN, box_iou, xyxy_to_xywh
 from ..language.results import BoxesResult
 from ..language.tasks import ResultKind, Task, task_spec
+from .records import _id_error, _is_id, _numbers, _shown
+from .samples import _BadAnnotation
 
 _AGNOSTIC = "object"
 
@@ -139,9 +140,12 @@ def evaluate_detections(
 
 
 def _copy_of_dataset(ground_truth: str | Path | Mapping[str, Any], class_agnostic: bool) -> dict:
-    """A private copy of the COCO dataset, with one category for all when class-agnostic."""
-    if not isinstance(ground_truth, Mapping):
-        ground_truth = json.loads(Path(ground_truth).read_text())
+    """A private copy of the COCO dataset, checked (see :func:`_check_ground_truth`), with one
+    category for all when class-agnostic."""
+    from .coco import _coco_file  # reads a file as read_coco does: bounded, UTF-8 JSON
+
+    ground_truth, source, _ = _coco_file(ground_truth, None)
+    _check_ground_truth(ground_truth, source)
     dataset = copy.deepcopy(dict(ground_truth))
     dataset.setdefault("info", {})
     if class_agnostic:
@@ -149,6 +153,50 @@ def _copy_of_dataset(ground_truth: str | Path | Mapping[str, Any], class_agnosti
         for annotation in dataset["annotations"]:
             annotation["category_id"] = 1
     return dataset
+
+
+def _check_ground_truth(dataset: Mapping[str, Any], source: str) -> None:
+    """Refuse what pycocotools would fail on deep inside, or score wrongly without a word:
+    entries that are not objects, ids that are not ids, two images sharing an id or a file
+    name, a box that is not four finite numbers.
+
+    Raises:
+        ValueError: Naming the file (or "COCO data"), the entry and what is wrong.
+    """
+    problems = []
+    ids: set[Any] = set()
+    names: set[Any] = set()
+    for number, image in enumerate(dataset["images"]):
+        if not isinstance(image, Mapping) or not _is_id(image.get("id")):
+            problems.append(f"image #{number} is not an object with an id")
+        elif not isinstance(image.get("file_name"), str):
+            problems.append(f"image {_shown(image['id'])} has no file_name")
+        elif image["id"] in ids or image["file_name"] in names:
+            problems.append(f"two images share the id {_shown(image['id'])} or the file name "
+                            f"{_shown(image['file_name'])}")  # fmt: skip
+        else:
+            ids.add(image["id"])
+            names.add(image["file_name"])
+    for number, category in enumerate(dataset["categories"]):
+        if not isinstance(category, Mapping) or not _is_id(category.get("id")):
+            problems.append(f"category #{number} is not an object with an id")
+        elif not isinstance(category.get("name"), str):
+            problems.append(f"category {_shown(category['id'])} has no name")
+    for number, annotation in enumerate(dataset["annotations"]):
+        where = f"annotation #{number}"
+        try:
+            if not isinstance(annotation, Mapping):
+                raise _BadAnnotation("not an object")
+            if annotation.get("image_id") not in ids:
+                raise _BadAnnotation(f"unknown image_id {_shown(annotation.get('image_id'))}")
+            if not _is_id(annotation.get("category_id")):
+                raise _BadAnnotation(_id_error("category_id", annotation.get("category_id")))
+            _numbers(annotation.get("bbox"), "its bbox", "[x, y, width, height]")
+        except _BadAnnotation as error:
+            problems.append(f"{where}: {error}")
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise ValueError(f"{source} is not a usable COCO ground truth: {problems[0]}{more}.")
 
 
 def _coco_detections(

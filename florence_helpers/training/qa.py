@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from ..boundary.images import ImageLoadError, decode_image, to_rgb
-from ..boundary.inputs import DEFAULT_MAX_PIXELS, expand_path, is_unicode
+from ..boundary.inputs import DEFAULT_MAX_PIXELS, InputError, expand_path, is_unicode, read_file
 from ..boundary.outputs import OutputError, write_atomically
 from ..language.prompts import TaskInputError, build_prompt
 from ..language.regions import RegionError
@@ -242,12 +242,14 @@ def _write_image(image: Image.Image, root: Path) -> Path:
         raise _BadAnnotation(f"the image cannot be written as PNG ({error!r})") from None
     data = buffer.getvalue()
     path = root / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    try:
-        existing: bytes | None = path.read_bytes()
+    try:  # a file larger than this image cannot hold the same bytes
+        existing: bytes | None = read_file(path, max_bytes=len(data))
     except FileNotFoundError:
         existing = None
-    except OSError as error:
-        raise _BadAnnotation(f"cannot check {path}: {error.strerror or error}") from None
+    except InputError as error:
+        raise _BadAnnotation(
+            f"{error} It was not overwritten: give images_dir a folder of its own"
+        ) from None
     if existing is None:
         try:
             write_atomically(path, data)

@@ -19,7 +19,13 @@ from typing import Any
 from PIL import Image
 
 from ..boundary.images import ImageLoadError, open_header
-from ..boundary.inputs import DEFAULT_MAX_PIXELS, expand_path, is_unicode
+from ..boundary.inputs import (
+    DEFAULT_MAX_PIXELS,
+    MAX_DATA_FILE_BYTES,
+    expand_path,
+    is_unicode,
+    read_file,
+)
 from ..boundary.inputs import shown as _shown
 from .samples import _BadAnnotation
 
@@ -92,11 +98,14 @@ def _image_path(value: Any, root: Path) -> Path:
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise FileNotFoundError(f"Cannot read {path}: {reason}.") from None
+    """A data file's bytes: a regular file of at most 1 GiB (see :func:`read_file`).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        ValueError: It is not a regular file (a FIFO, ``/dev/zero``), is too large, or cannot
+            be read.
+    """
+    return read_file(path, max_bytes=MAX_DATA_FILE_BYTES)
 
 
 def _read_text(path: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..boundary.inputs import expand_path
+from ..boundary.inputs import expand_path, read_file
 from ..boundary.outputs import OutputError, write_atomically
 from ..language.regions import xyxy_to_xywh
 
@@ -127,9 +127,12 @@ def _sample_folder(folder: str | Path, index: str, is_ours: Callable[[Path], boo
     return out
 
 
+_MARKER_BYTES = 64 * 2**20  # far more than the sample data's index files ever hold
+
+
 def _is_our_shapes(path: Path) -> bool:
     try:
-        info = json.loads(path.read_bytes()).get("info", {})
+        info = json.loads(read_file(path, max_bytes=_MARKER_BYTES)).get("info", {})
         return str(info.get("description", "")).startswith(_SHAPES_DESCRIPTION)
     except (OSError, ValueError, AttributeError, RecursionError):
         return False
@@ -137,7 +140,8 @@ def _is_our_shapes(path: Path) -> bool:
 
 def _is_our_receipts(path: Path) -> bool:
     try:
-        records = [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+        data = read_file(path, max_bytes=_MARKER_BYTES)
+        records = [json.loads(line) for line in data.splitlines() if line.strip()]
     except (OSError, ValueError, RecursionError):
         return False
     return all(
