@@ -91,6 +91,50 @@ if importlib.util.find_spec("xdist") is not None:
         return ByFile(config, log)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> Any:
+    """nbval's notebooks with the harness cells the learner never sees (a private checkout,
+    checks, exercise solutions: see tests/notebook_harness.py) run in the same kernel."""
+    collected = yield
+    if file_path.suffix != ".ipynb" or not collected:
+        return collected
+    from nbval.plugin import IPyNbFile
+
+    return [
+        _harnessed().from_parent(parent, path=file_path) if type(found) is IPyNbFile else found
+        for found in collected
+    ]
+
+
+def _harnessed() -> type:
+    """nbval's notebook collector, with the harness cells inserted among the notebook's."""
+    from collections import defaultdict
+    from copy import deepcopy
+
+    from nbval.plugin import IPyNbCell, IPyNbFile
+
+    from tests.notebook_harness import with_harness
+
+    class HarnessedNotebook(IPyNbFile):
+        def collect(self) -> Any:
+            plain = iter(list(super().collect()))  # reads the notebook into self.nb
+            notebook = with_harness(deepcopy(self.nb), self.path.name, private=True)
+            code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+            for number, cell in enumerate(code):
+                if not cell.metadata.get("harness"):
+                    yield next(plain)
+                    continue
+                yield IPyNbCell.from_parent(
+                    self,
+                    name=f"Harness cell {number}",
+                    cell_num=number,
+                    cell=cell,
+                    options=defaultdict(bool, check=False),
+                )
+
+    return HarnessedNotebook
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     if _TINY_DIR is not None:
         shutil.rmtree(_TINY_DIR, ignore_errors=True)
