@@ -11,7 +11,8 @@
 #   BATCHES=1,8,64,256                  batch sizes for the throughput table
 #   TRAIN_BATCH=16                      samples per LoRA training step
 #   QUICK=0                             1: the inference reports as a smoke run (one timing
-#                                       per figure, the seed loop cut short; how it is tested)
+#                                       per figure, no warm-up unless compiled, the seed loop
+#                                       cut short; how it is tested)
 #   INSTALL=1                           pip install the package and its pinned dependencies
 #                                       (never torch); 0 to skip
 #   WHEELS=DIR                          install from these wheel files only (a machine

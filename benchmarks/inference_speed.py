@@ -700,6 +700,13 @@ def device_report(args: argparse.Namespace) -> dict[str, Any]:
         f"# Florence-2 device report: {device_name(device)}\n"
         f"torch {torch.__version__}, transformers {transformers.__version__}, {dtype}, "
         f"{'compiled (static cache, vision encoder compiled)' if args.compile else 'eager'}"
+        + (
+            "\nsmoke run (--quick): one timing per figure"
+            + ("" if args.compile else ", without warm-up")
+            + ": not figures to quote"
+            if args.quick
+            else ""
+        )
     )
     rng = np.random.default_rng(1)
     images = [
@@ -712,10 +719,14 @@ def device_report(args: argparse.Namespace) -> dict[str, Any]:
         if args.compile:
             compile_for_speed(florence.model)
         print(f"\n## Florence-2-{name} architecture, random weights")
+        # A smoke run (--quick) warms up only what compiles on its first call.
+        warm = args.compile or not args.quick
         figures[name] = {
-            "latency": _latency(florence, images[0], rounds=1 if args.quick else 5),
-            "throughput": _throughput(florence, images, batches),
-            "tasks": _tasks_on_device(florence, images[0], seed_tasks=2 if args.quick else None),
+            "latency": _latency(florence, images[0], rounds=1 if args.quick else 5, warm=warm),
+            "throughput": _throughput(florence, images, batches, warm=warm),
+            "tasks": _tasks_on_device(
+                florence, images[0], seed_tasks=2 if args.quick else None, warm=warm
+            ),
         }
         _verdicts(name, figures[name], dtype)
         del florence
@@ -724,8 +735,11 @@ def device_report(args: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
-def _latency(florence: FlorenceModel, image: Image.Image, rounds: int = 5) -> dict[str, float]:
-    """One <CAPTION> of 14 tokens at batch 1, image encoding included: median of ``rounds``."""
+def _latency(
+    florence: FlorenceModel, image: Image.Image, rounds: int = 5, warm: bool = True
+) -> dict[str, float]:
+    """One <CAPTION> of 14 tokens at batch 1, image encoding included: median of ``rounds``
+    (after one warm-up call, unless ``warm`` is false)."""
     out = {}
     for beams in (1, 3):
         call = functools.partial(
@@ -737,16 +751,18 @@ def _latency(florence: FlorenceModel, image: Image.Image, rounds: int = 5) -> di
             progress=False,
             logits_processor=forced(florence, [ANSWER_TOKENS[Task.CAPTION]]),
         )
-        call()  # warm-up (and compilation)
+        if warm:
+            call()  # warm-up (and compilation)
         out[f"{beams} beam(s)"] = median_time(call, rounds) * 1000
         print(f"one caption at batch 1, {beams} beam(s): {out[f'{beams} beam(s)']:8.1f} ms")
     return out
 
 
 def _throughput(
-    florence: FlorenceModel, images: list[Image.Image], batches: list[int]
+    florence: FlorenceModel, images: list[Image.Image], batches: list[int], warm: bool = True
 ) -> dict[str, dict[str, float]]:
-    """images/s (and peak memory) per task, beams and batch size, preprocessing included."""
+    """images/s (and peak memory) per task, beams and batch size, preprocessing included
+    (each after a warm-up call, unless ``warm`` is false)."""
     table: dict[str, dict[str, float]] = {}
     print(f"{'images/s':<18}" + "".join(f"{f'batch {b}':>13}" for b in batches))
     for task in (Task.CAPTION, Task.OD):
@@ -754,7 +770,8 @@ def _throughput(
             row, memory = {}, {}
             for size in batches:
                 call = batch_call(florence, images[:size], task, num_beams=beams)
-                call()  # warm-up: a new batch size may compile again
+                if warm:
+                    call()  # warm-up: a new batch size may compile again
                 with DeviceMemory(florence.device) as used:
                     row[size] = size / timed(call)
                 memory[size] = used.peak / 2**30
@@ -767,11 +784,13 @@ def _throughput(
 
 
 def _tasks_on_device(
-    florence: FlorenceModel, image: Image.Image, seed_tasks: int | None = None
+    florence: FlorenceModel, image: Image.Image, seed_tasks: int | None = None, warm: bool = True
 ) -> dict[str, float]:
-    """All 15 tasks: run_tasks against the seed's loop (its first ``seed_tasks`` only, if given)."""
+    """All 15 tasks: run_tasks against the seed's loop (its first ``seed_tasks`` only, if given),
+    run_tasks after a warm-up call unless ``warm`` is false."""
     with torch.inference_mode():
-        fast_path(florence, image)  # warm-up
+        if warm:
+            fast_path(florence, image)
         with DeviceMemory(florence.device) as fast_memory:
             fast = timed(functools.partial(fast_path, florence, image))
         with DeviceMemory(florence.device) as seed_memory:
@@ -828,7 +847,8 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="device report as a smoke run: one timing per figure, the seed loop cut short",
+        help="device report as a smoke run: one timing per figure, no warm-up unless "
+        "compiled, the seed loop cut short",
     )
     parser.add_argument(
         "--architectures",
