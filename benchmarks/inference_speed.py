@@ -295,16 +295,24 @@ def forced_tokens(florence: FlorenceModel, length: int) -> list[int]:
 
 
 def section_per_answer(
-    models: dict[str, FlorenceModel], image: Image.Image, figures: dict[str, float], rounds: int = 3
+    models: dict[str, FlorenceModel],
+    image: Image.Image,
+    figures: dict[str, float],
+    rounds: int = 3,
+    converted: dict[str, Any] | None = None,
 ) -> None:
+    """Seconds per answer for each model and OpenVINO's ``f32`` and ``default`` conversions of
+    the fp32 one (``converted``, if already made: ``{"f32": ..., "default": ...}``)."""
     print("\n## 1. Per answer, one image, 3 beams, image encoding included")
     runtimes: dict[str, Callable[[Task], Any]] = {}
     for name, florence in models.items():
         runtimes[name] = functools.partial(_torch_answer, florence, image)
     fp32 = models["fp32"]
     if openvino_runtime.available():
-        converted = {}
+        converted = dict(converted or {})
         for precision in ("f32", "default"):
+            if precision in converted:
+                continue
             start = time.perf_counter()
             converted[precision] = openvino_runtime.OpenVINOFlorence(fp32, precision)
             print(

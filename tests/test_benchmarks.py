@@ -76,12 +76,18 @@ def image():
     return Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
 
 
-def test_openvino_runs_the_same_weights_to_the_same_tokens(speed, tiny, image):
+@pytest.fixture(scope="module")
+def converted(speed, tiny):
+    """The tiny architecture converted to OpenVINO in both precisions, once for the module."""
     pytest.importorskip("openvino")
+    runtime = speed.openvino_runtime
+    return {p: runtime.OpenVINOFlorence(tiny, p) for p in ("f32", "default")}
+
+
+def test_openvino_runs_the_same_weights_to_the_same_tokens(speed, tiny, image, converted):
     from florence_helpers import Task
 
     runtime = speed.openvino_runtime
-    converted = {p: runtime.OpenVINOFlorence(tiny, p) for p in ("f32", "default")}
     # An 80-token answer in its default precision (bf16 on this project's machines): it
     # once turned to NaN after the first step, whose cache is empty.
     tokens = speed.forced_tokens(tiny, 80)
@@ -105,10 +111,11 @@ def test_a_wrong_conversion_is_caught_by_the_token_check(speed, tiny, image):
     assert not runtime.check_tokens(tiny, converted, image, 12)
 
 
-def test_per_answer_section_measures_openvino_in_the_same_run(speed, tiny, image, capsys):
-    pytest.importorskip("openvino")
+def test_per_answer_section_measures_openvino_in_the_same_run(
+    speed, tiny, image, converted, capsys
+):
     figures = {}
-    speed.section_per_answer({"fp32": tiny}, image, figures, rounds=1)
+    speed.section_per_answer({"fp32": tiny}, image, figures, rounds=1, converted=converted)
     out = capsys.readouterr().out
     assert "OpenVINO f32 = torch fp32 (logits to 1e-3, greedy tokens): yes" in out
     for key in ("fp32 CAPTION", "OpenVINO f32 OD", "OpenVINO default CAPTION"):
