@@ -606,3 +606,18 @@ def test_read_labels_names_a_damaged_line(florence, photos, tmp_path):
     cut = tmp_path / "cut.jsonl"
     cut.write_text(out.read_text() + lines[1][:25])
     assert len(read_labels(cut)) == 3
+
+
+def test_a_huge_file_that_is_not_a_label_file_is_refused_from_its_first_line(
+    florence, photos, tmp_path
+):
+    # A 100 GB sparse --out (no newline in it) was read whole before line 1 was judged: a
+    # MemoryError (tenth hostile review). The first 16 MiB decide.
+    out = tmp_path / "huge.bin"
+    with open(out, "wb") as handle:
+        handle.truncate(100 * 2**30)
+    with pytest.raises(LabelFileError, match="line 1 is longer than any label record"):
+        label(florence, photos, "CAPTION", out, **FAST)
+    out.write_bytes(b"not json\n" + b"x" * 1000)
+    with pytest.raises(LabelFileError, match="line 1 is not a label record"):
+        label(florence, photos, "CAPTION", out, **FAST)

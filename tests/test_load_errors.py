@@ -582,6 +582,12 @@ def test_patterns_a_person_writes_still_load_and_apply(load_tiny, adapter_copy, 
         ("target_parameters", ["weight"]),
         ("use_qalora", True),
         ("eva_config", {"rho": 2.0}),
+        # {} is no "unset" to peft: it builds the variant, and KaSA rewrote the base weights
+        # even when the load was then refused (tenth hostile review).
+        ("kasa_config", {}),
+        ("velora_config", {}),
+        ("monteclora_config", {}),
+        ("layer_replication", []),
     ],
 )
 def test_peft_settings_beyond_plain_lora_are_refused_before_peft_runs(
@@ -594,7 +600,7 @@ def test_peft_settings_beyond_plain_lora_are_refused_before_peft_runs(
     config = json.loads((adapter_copy / "adapter_config.json").read_text())
     (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
-    with pytest.raises(AdapterError, match=f"sets {field} .*which this package does not load"):
+    with pytest.raises(AdapterError, match=f"sets {field}"):
         load_adapter(load_tiny(), adapter_copy)
 
 
@@ -641,3 +647,22 @@ def test_module_patterns_match_as_peft_itself_matches_them(load_tiny, tmp_path):
         for name, index in zip(names, first["rank_pattern"], strict=True):
             expected = get_pattern_key(keys, name)
             assert (keys[index] if index is not None else name) == expected, name
+
+
+def test_a_target_pattern_that_backtracks_on_an_embedding_name_is_refused(
+    load_tiny, adapter_copy, monkeypatch
+):
+    # peft also matches a string target_modules against its embedding layer names
+    # ("embed_tokens", which is no module name here): a pattern that fails fast on every module
+    # backtracked for hours on it (tenth hostile review).
+    import peft
+
+    from florence_helpers.model import adapter_files
+
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["target_modules"] += "|e" + r"\w*" * 40 + "!"
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(adapter_files, "PATTERN_SECONDS", 2.0)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=r"take more than 2 s to match"):
+        load_adapter(load_tiny(), adapter_copy)

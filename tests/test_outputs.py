@@ -126,3 +126,28 @@ def test_a_full_disk_part_way_through_an_append_leaves_no_torn_line(tmp_path):
     )
     assert "refused: " in done.stdout and "File too large" in done.stdout
     assert path.read_bytes() == b"0123456789\n" * 2
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "sparse"])
+def test_what_an_output_holds_is_judged_from_a_bounded_read(tmp_path, kind):
+    # A folder or file to be replaced is first read to see what it holds: NEW/config.json ->
+    # /dev/zero grew to 3 GB, a FIFO blocked for ever, and an existing --coco file of 100 GB
+    # (sparse) was read whole (tenth hostile review). Each is now judged "not ours" at once.
+    def make(path):
+        if kind == "dev-zero":
+            path.symlink_to("/dev/zero")
+        elif kind == "fifo":
+            os.mkfifo(path)
+        else:
+            with open(path, "wb") as handle:
+                handle.truncate(100 * 2**30)
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    make(folder / "config.json")
+    with pytest.raises(OutputError, match="not a Florence-2 checkpoint"):
+        outputs.check_folder_replaceable(folder)
+    if kind == "sparse":  # the COCO check meets only regular files
+        make(tmp_path / "export.json")
+        with pytest.raises(OutputError):
+            outputs.check_replaceable(tmp_path / "export.json", holds="COCO JSON")

@@ -183,6 +183,9 @@ def test_deeply_nested_json_and_fields_of_the_wrong_type_get_a_4xx(florence, cal
         ),
         ({"task": "OD", "image": "not base64!"}, 400, "image"),
         ({"task": "OD", "image": "data:image/png,raw"}, 422, "image"),
+        # A task or result kind of 1 MB was echoed whole in the refusal (tenth hostile review).
+        ({"task": "X" * 1_000_000, "image": image}, 422, "task"),
+        ({"prompt": "hi", "parse": "x" * 1_000_000, "image": image}, 422, "parse"),
     ]
     with running_server(florence) as url:
         responses = []
@@ -197,6 +200,7 @@ def test_deeply_nested_json_and_fields_of_the_wrong_type_get_a_4xx(florence, cal
                 responses.append(httpx.post(f"{url}/v1/run", json=body))
     for response, (_, status, field) in zip(responses, cases, strict=True):
         assert (response.status_code, error_of(response)["field"]) == (status, field), response.text
+        assert len(response.content) < 2000
     assert calls == []
 
 
@@ -318,6 +322,10 @@ def test_a_request_whose_client_left_is_dropped(florence, calls, monkeypatch):
                     timeout=1.0,
                 )
             time.sleep(0.8)  # the server notices the disconnect
+            # The left request leaves the queue at once, with its decoded image (ninth hostile
+            # review: such requests stayed queued, holding their pixels past the budget).
+            assert server.app.state.batcher.waiting == 1
+            assert server.app.state.batcher.dropped == 1
             release.set()
             assert running.result().status_code == 200
         time.sleep(0.5)

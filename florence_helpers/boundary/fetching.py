@@ -223,7 +223,9 @@ def _get(
     try:
         addresses = _resolve(host, port, deadline)
     except _HostNotFound:
-        raise InputError(f"Could not download {_short(url)}: no such host {host}.") from None
+        raise InputError(
+            f"Could not download {_short(url)}: no such host {host.rstrip('.')!r}."
+        ) from None
     checked = []
     for family, sockaddr in addresses:
         address = ipaddress.ip_address(sockaddr[0].split("%")[0])

@@ -382,6 +382,32 @@ def read_file(
     return data
 
 
+def read_head(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """The first ``max_bytes`` of a local regular file of any size, checked as
+    :func:`read_file` checks it (not a FIFO, a device or a directory).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        InputError: It is not a regular file, or cannot be read.
+    """
+    name = os.fsdecode(os.fspath(path))
+    try:
+        descriptor = os.open(expand_path(name), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"File not found: {name}") from None
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "strerror", None) or error
+        raise InputError(f"Cannot read {name}: {reason}.") from None
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise InputError(f"Cannot read {name}: it is not a regular file.")
+    with os.fdopen(descriptor, "rb") as handle:
+        try:
+            return handle.read(max_bytes)
+        except OSError as error:
+            raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
+
+
 def _too_large(name: str, size: int, limit: float) -> str:
     return (
         f"Did not read {name}: it holds {_bytes(size)}, more than the {_bytes(limit)} read at most."

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from .inputs import expand_path
+from .inputs import MAX_CONFIG_FILE_BYTES, MAX_DATA_FILE_BYTES, expand_path, read_file
 
 PathLike = str | os.PathLike
 
@@ -171,10 +171,9 @@ def _holds(path: Path, kind: str) -> bool:
     if kind == "COCO JSON":
         import json
 
-        try:
-            with open(path, "rb") as handle:
-                document = json.load(handle)
-        except (OSError, ValueError, RecursionError):
+        try:  # a file past the readers' cap is no COCO file this package wrote or reads
+            document = json.loads(read_file(path, max_bytes=MAX_DATA_FILE_BYTES))
+        except (OSError, ValueError, RecursionError):  # InputError is a ValueError
             return False
         return isinstance(document, dict) and {"images", "annotations"} <= document.keys()
     raise ValueError(f"Unknown kind {kind!r}: one of {', '.join(HOLDS)}")
@@ -258,10 +257,9 @@ def _holds_model(folder: Path) -> bool:
 
     if (folder / "adapter_config.json").is_file():
         return True
-    try:
-        with open(folder / "config.json", "rb") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError, RecursionError):
+    try:  # a regular file of a configuration's size: never /dev/zero, a FIFO, a sparse giant
+        config = json.loads(read_file(folder / "config.json", max_bytes=MAX_CONFIG_FILE_BYTES))
+    except (OSError, ValueError, RecursionError):  # InputError is a ValueError
         return False
     return isinstance(config, dict) and config.get("model_type") == "florence2"
 

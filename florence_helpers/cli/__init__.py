@@ -12,8 +12,8 @@ Exit codes: 0 done; 1 an unexpected error (a bug: please report it; FLORENCE_DEB
 where it happened); 2 a mistake in the settings or the input (unknown task, missing text, an
 unreadable image, an output that would overwrite an input, a label file of another job or in
 use, a damaged checkpoint to convert); 3 no model could be loaded; 4 reading or writing files
-failed (a full disk, no permission); 130 interrupted (Ctrl-C), after saying what was finished;
-143 terminated (SIGTERM), handled as Ctrl-C is.
+failed (a full disk, no permission, not enough memory to read one); 130 interrupted (Ctrl-C),
+after saying what was finished; 143 terminated (SIGTERM), handled as Ctrl-C is.
 Each failure prints one line starting with "error:", never a traceback. Everything that can be
 checked without the model (the task, the image, the outputs, the device) is checked before it
 loads.
@@ -106,6 +106,12 @@ def _main(argv: list[str], command: str | None) -> int:
         return _fail(_interrupted(interrupt, command), code)
     except OSError as error:
         return _fail(_one_line(error), EXIT_IO)
+    except MemoryError:
+        return _fail(
+            "ran out of memory: an input is larger than this machine can hold (what was "
+            "finished is written).",
+            EXIT_IO,
+        )
     except Exception as error:  # noqa: BLE001 - the contract: one line, never a traceback
         if os.environ.get(DEBUG_ENV_VAR):
             traceback.print_exc()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import InputError, expand_path, is_url, local_path, read_file
+from ..boundary.inputs import InputError, expand_path, is_url, local_path, read_file, read_head
 from ..boundary.outputs import (
     InUseError,
     lock_path,  # noqa: F401 - where label code has looked for it
@@ -217,12 +217,27 @@ def _not_a_label_file(out: Path, why: str) -> LabelFileError:
     )
 
 
+_FIRST_LINE_BYTES = 16 * 2**20  # far longer than any record this package writes
+
+
+def _check_first_line(out: Path, head: bytes) -> None:
+    """Refuse a file whose first whole line is no label line before reading the rest (a file
+    of many gigabytes, or a sparse one, is not read to find out it is not a label file)."""
+    first, newline, _ = head.lstrip().partition(b"\n")
+    if not newline and len(head) == _FIRST_LINE_BYTES:
+        raise _not_a_label_file(out, "line 1 is longer than any label record")
+    entry = _parsed(first) if newline else None
+    if newline and not (_is_header(entry) or _is_entry(entry)):
+        raise _not_a_label_file(out, "line 1 is not a label record")
+
+
 def _scan(out: Path, job: dict[str, Any]) -> FileContents:
     """Read an existing label file; refuse anything that is not one."""
     empty = FileContents(set(), set(), [], None, 0, 0)
     if not out.exists():
         return empty
     try:  # any size (it grows with every job), but a regular file
+        _check_first_line(out, read_head(out, _FIRST_LINE_BYTES))
         data = read_file(out, max_bytes=None)
     except InputError as error:
         raise LabelFileError(str(error)) from None
@@ -329,7 +344,7 @@ def drop_error_records(out: Path, job: dict[str, Any], keys: set[str], keep: int
     kept: list[bytes] = []
     dropped: set[str] = set()
     current: dict[str, Any] | None = None
-    for raw in out.read_bytes()[:keep].split(b"\n"):
+    for raw in read_file(out, max_bytes=None)[:keep].split(b"\n"):
         if not raw.strip():
             continue
         entry = _parsed(raw)

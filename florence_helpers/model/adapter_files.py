@@ -151,10 +151,11 @@ def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
 
 
 def _check_other_fields(config: dict[str, Any], config_path: Path) -> None:
-    """Refuse any other setting peft acts on, unless it holds peft's default: trainable token
-    rows (``trainable_token_indices`` allocates a row per entry), weight initialisations that
-    compute (EVA, CorDA, LoRA-GA...), layer copies, and what newer peft versions add. A plain
-    LoRA adapter saved by peft holds the defaults."""
+    """Refuse any other setting peft acts on, unless it holds peft's default (or null):
+    trainable token rows (``trainable_token_indices`` allocates a row per entry), variants
+    built from any configuration given, even ``{}`` (KaSA, VeLoRA, MonteCLoRA), weight
+    initialisations that compute (EVA, CorDA, LoRA-GA...), layer copies, and what newer peft
+    versions add. A plain LoRA adapter saved by peft holds the defaults."""
     import dataclasses
 
     from peft import LoraConfig
@@ -170,7 +171,9 @@ def _check_other_fields(config: dict[str, Any], config_path: Path) -> None:
             default = field.default_factory()
         else:
             default = None
-        if value in (None, False, [], {}) or value == default:
+        # Only peft's default, or null: an empty {} is not "unset" to peft (it builds a KaSA or
+        # VeLoRA variant from it, and KaSA rewrites the base weights while loading).
+        if value is None or (value == default and type(value) is type(default)):
             continue
         if name in _STRUCTURE_FIELDS:
             raise AdapterError(
@@ -225,6 +228,12 @@ def match_module_patterns(
     process given :data:`PATTERN_SECONDS`: a regular expression such as ``((\\w|\\.)+)+!``
     backtracks for ever on a long module name, and Python cannot stop a match once begun.
 
+    Args:
+        config: The adapter configuration.
+        names: Every name peft matches the patterns against: module names, and the embedding
+            and tied-weight names peft also tries.
+        config_path: Its file, for messages.
+
     Returns:
         Per pattern field present (``target_modules``, ``exclude_modules``,
         ``modules_to_save``, ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``), per
@@ -238,6 +247,8 @@ def match_module_patterns(
         value = config.get(field)
         if value:
             fields[field] = ("full", [value]) if isinstance(value, str) else ("listed", value)
+    if isinstance(config.get("target_modules"), list):  # peft ties embeddings with these too
+        fields["target_modules as tied"] = ("saved", config["target_modules"])
     if config.get("modules_to_save"):
         fields["modules_to_save"] = ("saved", config["modules_to_save"])
     layers = config.get("layers_pattern")

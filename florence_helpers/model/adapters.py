@@ -131,8 +131,9 @@ def load_adapter(
     weights, settings = _check_adapter_folder(folder)
     shapes = _saved_weight_shapes(weights)
     _check_ranks(folder, settings, shapes)
-    names = [name for name, _ in florence.model.named_modules()]
-    match_module_patterns(settings, names, folder / "adapter_config.json")
+    match_module_patterns(
+        settings, _names_peft_matches(florence.model), folder / "adapter_config.json"
+    )
     saved = set(shapes)
     had_config = "peft_config" in vars(florence.model)
     try:
@@ -166,6 +167,20 @@ def load_adapter(
         _remove_lora_layers(florence.model, had_config)
         raise
     return dataclasses.replace(florence, model=model.eval())
+
+
+def _names_peft_matches(model: Any) -> list[str]:
+    """Every name peft matches an adapter's patterns against while loading: the modules, its
+    embedding layer names, and the tied weights' keys and modules."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES
+
+    names = {name for name, _ in model.named_modules()} | set(EMBEDDING_LAYER_NAMES)
+    for attribute in ("all_tied_weights_keys", "_tied_weights_keys"):
+        tied = getattr(model, attribute, None) or {}
+        for key in [*tied, *(tied.values() if isinstance(tied, dict) else [])]:
+            if isinstance(key, str):
+                names |= {key, key.removesuffix(".weight")}
+    return sorted(names)
 
 
 def _check_all_weights_used(model: Any, saved: set[str], weights: Path) -> None:

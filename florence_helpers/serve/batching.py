@@ -83,7 +83,21 @@ class Batcher:
                 raise QueueFull(f"{len(self._pending) + self._busy} requests are waiting.")
             self._pending.append(job)
             self._condition.notify()
+        job.future.add_done_callback(lambda future: self._forget(job, future))
         return job.future
+
+    def _forget(self, job: Job, future: concurrent.futures.Future) -> None:
+        """A job cancelled while it waits (its client left, its deadline passed) leaves the
+        queue at once, and with it its decoded image: the server's pixel budget counts it
+        free from then on."""
+        if not future.cancelled():
+            return
+        with self._condition:
+            for index, waiting in enumerate(self._pending):
+                if waiting is job:
+                    del self._pending[index]
+                    self.dropped += 1
+                    return
 
     @property
     def waiting(self) -> int:

@@ -165,14 +165,16 @@ def check_request(
 ) -> Job:
     """Turn the fields of a request into a checked :class:`Job`, or raise :class:`RequestError`
     naming the field at fault. ``image`` is already a loaded PIL image."""
-    fields = {"text": text, "prompt": prompt}
+    fields = {"text": text, "prompt": prompt, "task": task, "parse": parse}
     for field, value in fields.items():
+        # A task or result kind is a name: its refusal may quote it, so it stays short.
+        limit = _NAME_CHARS if field in ("task", "parse") else max_text_chars
         try:
-            fields[field] = check_text(value, field, max_chars=max_text_chars)
+            fields[field] = check_text(value, field, max_chars=limit)
         except SettingError as error:
             raise RequestError(field, str(error)) from None
     text = fields["text"]
-    spec = _spec(task, fields["prompt"], parse or "text")
+    spec = _spec(fields["task"], fields["prompt"], fields["parse"] or "text")
     box = _region(region)
     try:
         build_prompt(spec, image.size, text=text, region=box)
@@ -197,6 +199,9 @@ def check_request(
         raise RequestError(field, str(error)) from None
     settings = (("max_new_tokens", tokens), ("num_beams", beams), ("scores", _flag(scores)))
     return Job(image=image, spec=spec, text=text, region=box, settings=settings)
+
+
+_NAME_CHARS = 100  # the longest task name, <REFERRING_EXPRESSION_SEGMENTATION>, has 35
 
 
 def _spec(task: str | None, prompt: str | None, parse: str) -> Any:
