@@ -264,3 +264,17 @@ def test_ray_data_gives_the_same_results(florence, folder, tmp_path, tiny_model_
     assert sorted(r["image"] for r in distributed) == sorted(by_image)
     for record in distributed:
         assert record == by_image[record["image"]]
+
+
+def test_a_coco_export_names_a_damaged_line_with_its_own_advice(tmp_path):
+    from florence_helpers.labelling import LabelFileError, export_coco
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text('{"image": "a.jpg", "task": "<OD>", "result": {"boxes": 5}}\n')
+    with pytest.raises(LabelFileError) as raised:
+        export_coco(labels, tmp_path / "out.json")
+    message = str(raised.value)
+    assert message.startswith(f"{labels} line 1: ")
+    assert message.endswith(" Fix or delete that line, then export again.")
+    assert "on_error" not in message  # read_labels' advice does not apply to an export
+    assert not (tmp_path / "out.json").exists()

@@ -104,7 +104,9 @@ _SKIP_HINT = " Pass on_error='skip' to read the other lines."
 def _bad_line(file: Path, number: int, problem: str, on_error: str) -> None:
     message = f"{file} line {number}: {problem}."
     if on_error == "raise":
-        raise LabelFileError(message + _SKIP_HINT)
+        error = LabelFileError(message + _SKIP_HINT)
+        error.line_problem = message  # the message without its advice, for other callers
+        raise error
     warnings.warn(f"Skipped {message}", stacklevel=4)
 
 
@@ -148,7 +150,8 @@ def export_coco(
             records = read_labels(labels, as_results=True)
         except LabelFileError as error:
             fix = " Fix or delete that line, then export again."
-            raise LabelFileError(str(error).removesuffix(_SKIP_HINT) + fix) from None
+            problem = getattr(error, "line_problem", str(error))
+            raise LabelFileError(f"{problem}{fix}") from None
     categories: dict[str, int] = {}
     images, annotations = [], []
     for number, record in enumerate(records, start=1):
