@@ -787,3 +787,20 @@ def test_a_dataset_file_that_is_not_a_regular_file_of_sane_size_is_refused(folde
                 handle.truncate(2**31)  # 2 GiB that take no disk space
         with pytest.raises(ValueError, match=r"not a regular file|more than the 1.0 GiB"):
             reader(path)
+
+
+def test_a_question_longer_than_the_model_reads_is_one_bad_row(folder):
+    # A 5 MB question was read, and refused later for the whole evaluation (tenth review).
+    rows = folder / "long.jsonl"
+    picture = folder / "long.png"
+    Image.new("RGB", (32, 32)).save(picture)
+    line = {"image": picture.name, "answer": "a"}
+    rows.write_text(
+        json.dumps({**line, "question": "what " * 1_000_000})
+        + "\n"
+        + json.dumps({**line, "question": "what?"})
+        + "\n"
+    )
+    with pytest.warns(UserWarning):
+        kept = read_qa(rows, on_error="skip")
+    assert len(kept) == 1 and "more than the model reads" in str(kept.problems[0])

@@ -150,6 +150,16 @@ def test_bad_images_and_bodies_get_a_4xx(florence, forced_run):
         plain = httpx.post(
             f"{url}/v1/run", content=b"hello", headers={"content-type": "text/plain"}
         )
+        jsonx = httpx.post(  # a media type that merely starts like JSON's
+            f"{url}/v1/run",
+            content=b'{"task": "OD"}',
+            headers={"content-type": "application/jsonx"},
+        )
+        charset = httpx.post(
+            f"{url}/v1/run",
+            content=b'{"task": "OD"}',
+            headers={"content-type": "Application/JSON; charset=utf-8"},
+        )
         alive = httpx.get(f"{url}/healthz")
     assert (unreadable.status_code, unreadable.json()["error"]["field"]) == (400, "image")
     assert oversized.status_code == 413 and "limit" in oversized.json()["error"]["message"]
@@ -157,7 +167,8 @@ def test_bad_images_and_bodies_get_a_4xx(florence, forced_run):
     assert (not_json.status_code, not_json.json()["error"]["field"]) == (400, "body")
     assert (no_image.status_code, no_image.json()["error"]["field"]) == (400, "image")
     assert (file_url.status_code, file_url.json()["error"]["field"]) == (400, "url")
-    assert plain.status_code == 415
+    assert plain.status_code == 415 and jsonx.status_code == 415
+    assert (charset.status_code, charset.json()["error"]["field"]) == (400, "image")  # read
     assert alive.json()["status"] == "ok"
 
 

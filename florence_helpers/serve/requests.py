@@ -48,12 +48,13 @@ async def read_fields(request: Any, max_image_bytes: int) -> tuple[dict[str, Any
         RequestError: A body that is not JSON or a form, fields of the wrong type, no image
             or two, an image too large, a URL that is not http(s).
     """
-    kind = request.headers.get("content-type", "")
-    if kind.startswith("application/json"):
+    # The media type alone, without parameters such as charset: "application/jsonx" is not JSON.
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
         # Parsed on a thread: a large body of many keys takes a second, and the event loop
         # answers every other client meanwhile.
         fields, upload = await asyncio.to_thread(_json_fields, await request.body()), None
-    elif kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+    elif kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
         fields, upload = await _form_fields(request, max_image_bytes)
     else:
         raise RequestError(

@@ -51,6 +51,11 @@ DOCVQA = custom_task(
 _REF, _BOX = "<ref-object>", "<bbox>"  # ms-swift's placeholders
 
 
+MAX_QUESTION_CHARS = 4000
+"""The longest question a row may hold: Florence-2's text encoder reads 1024 tokens, about
+4000 characters of English. Training and evaluation check the exact length in tokens."""
+
+
 def read_qa(
     source: str | Path | Iterable[Mapping[str, Any]],
     images_dir: str | Path | None = None,
@@ -119,6 +124,11 @@ def read_qa(
             if question is not None and not isinstance(question, str):
                 raise _BadAnnotation(f"a question must be text, got {_shown(question)}")
             question = _text(question.strip(), "the question") if question else None
+            if question and len(question) > MAX_QUESTION_CHARS:
+                raise _BadAnnotation(
+                    f"the question has {len(question):,} characters, more than the model reads "
+                    f"(at most {MAX_QUESTION_CHARS:,} here; the exact limit is in tokens)"
+                )
             if takes_text and not question:
                 raise _BadAnnotation(f"no question (column {question_column!r})")
             if not takes_text and question:
