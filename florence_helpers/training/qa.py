@@ -120,15 +120,7 @@ def read_qa(
             if image not in sizes:
                 sizes[image] = _checked_image_size(image)
             answers = _qa_answers(row.get(answer_column))
-            question = row.get(question_column) if question_column is not None else None
-            if question is not None and not isinstance(question, str):
-                raise _BadAnnotation(f"a question must be text, got {_shown(question)}")
-            question = _text(question.strip(), "the question") if question else None
-            if question and len(question) > MAX_QUESTION_CHARS:
-                raise _BadAnnotation(
-                    f"the question has {len(question):,} characters, more than the model reads "
-                    f"(at most {MAX_QUESTION_CHARS:,} here; the exact limit is in tokens)"
-                )
+            question = _question(row.get(question_column) if question_column is not None else None)
             if takes_text and not question:
                 raise _BadAnnotation(f"no question (column {question_column!r})")
             if not takes_text and question:
@@ -150,6 +142,19 @@ def read_qa(
             )
         )
     return _finish(samples, problems, on_error)
+
+
+def _question(value: Any) -> str | None:
+    """A row's question, stripped; None if it has none."""
+    if value is not None and not isinstance(value, str):
+        raise _BadAnnotation(f"a question must be text, got {_shown(value)}")
+    question = _text(value.strip(), "the question") if value else None
+    if question and len(question) > MAX_QUESTION_CHARS:
+        raise _BadAnnotation(
+            f"the question has {len(question):,} characters, more than the model reads "
+            f"(at most {MAX_QUESTION_CHARS:,} here; the exact limit is in tokens)"
+        )
+    return question
 
 
 def _qa_rows(
