@@ -203,6 +203,44 @@ def test_a_finished_checkpoint_says_that_nothing_was_trained(load_tiny, shapes, 
     assert len(fresh.losses) == len(first.losses)
 
 
+def _nested(depth):
+    """A list of two references to one list, ``depth`` levels deep: a few hundred bytes as a
+    pickle, 2**depth lists when copied."""
+    inner = [0.5, 0.5]
+    for _ in range(depth):
+        inner = [inner, inner]
+    return inner
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: state.update(step=-(10**9)),  # a billion epochs to catch up on
+        lambda state: state.update(step=2.5),
+        lambda state: state["history"].update(validation_losses=_nested(40)),
+        lambda state: state["history"].update(extra=[1.0]),
+        lambda state: state.update(history=[1, 2]),
+        lambda state: state.update(rng=torch.zeros(3, dtype=torch.float32)),
+        lambda state: state.update(optimizer={"state": 5}),
+    ],
+    ids=["negative-step", "float-step", "history-bomb", "history-key", "history-list", "rng",
+         "optimizer"],
+)  # fmt: skip
+def test_a_checkpoint_with_values_this_package_never_writes_is_refused(
+    load_tiny, shapes, tmp_path, damage
+):
+    # Eleventh hostile review: step=-1e9 trained for ever, and a history of shared nested lists
+    # (a few hundred bytes) expanded exponentially when the next checkpoint was saved.
+    config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path)
+    train(load_tiny(), shapes, config, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="is not a training checkpoint this package wrote"):
+        train(load_tiny(), shapes, dataclasses.replace(config, epochs=2), progress=False)
+
+
 def test_a_checkpoint_from_another_model_is_refused(load_tiny, shapes, tmp_path):
     config = TrainingConfig(epochs=1, batch_size=4, checkpoint_dir=tmp_path)
     train(load_tiny(), shapes, config, progress=False)

@@ -278,3 +278,24 @@ def test_a_coco_export_names_a_damaged_line_with_its_own_advice(tmp_path):
     assert message.endswith(" Fix or delete that line, then export again.")
     assert "on_error" not in message  # read_labels' advice does not apply to an export
     assert not (tmp_path / "out.json").exists()
+
+
+def test_ray_refuses_an_output_folder_that_holds_files_or_inputs(folder, tmp_path, monkeypatch):
+    # A second run into one folder added its block files beside the first's, and read_labels
+    # then gave every image twice (eleventh hostile review). Checked before Ray starts.
+    pytest.importorskip("ray")
+    import ray
+
+    from florence_helpers.boundary.outputs import OutputError
+    from florence_helpers.labelling import find_images, label_with_ray
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray started"))
+    paths = find_images(folder)
+    used = tmp_path / "ray_out"
+    used.mkdir()
+    (used / "0_000000_000000.json").write_text('{"image": "a.jpg"}\n')
+    with pytest.raises(OutputError, match="already holds files"):
+        label_with_ray(paths, "CAPTION", used)
+    with pytest.raises(OutputError, match="is or holds the input"):
+        label_with_ray(paths, "CAPTION", folder)
+    assert (used / "0_000000_000000.json").read_text() == '{"image": "a.jpg"}\n'

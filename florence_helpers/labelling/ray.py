@@ -19,6 +19,8 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from ..boundary.inputs import expand_path, is_url
+from ..boundary.outputs import OutputError, check_folder_output
 from ..language.tasks import Task, TaskSpec, task_spec
 
 
@@ -87,7 +89,8 @@ def label_with_ray(
     Args:
         sources: Image paths or URLs every worker can read.
         task: The task to run on every image.
-        output: A folder for the output files (JSON lines or Parquet, one file per block).
+        output: A new or empty folder for the output files (JSON lines or Parquet, one file
+            per block); never one that is or holds an input.
         model_id: Hub id or directory every worker can load; default ``$FLORENCE_MODEL``.
         text, region: The task's extra input, the same for every image.
         batch_size: Images per batch given to a worker.
@@ -103,6 +106,10 @@ def label_with_ray(
         The output folder; read it back with :func:`read_labels` (JSON lines) or
         ``ray.data.read_parquet``.
 
+    Raises:
+        OutputError: ``output`` already holds files, or is or holds an input; checked before
+            Ray starts.
+
     Example:
         >>> label_with_ray(find_images("images"), "CAPTION", "out/", concurrency=2)
         ... # doctest: +SKIP
@@ -116,6 +123,8 @@ def label_with_ray(
         ) from None
     if output_format not in ("jsonl", "parquet"):
         raise ValueError(f"output_format must be 'jsonl' or 'parquet', not {output_format!r}")
+    sources = [os.fspath(source) for source in sources]
+    _check_output_folder(output, sources)
     import torch
 
     spec = task_spec(task)
@@ -123,7 +132,7 @@ def label_with_ray(
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     if num_gpus is None:
         num_gpus = 1 if torch.cuda.is_available() else 0
-    dataset = ray.data.from_items([{"image": str(source)} for source in sources])
+    dataset = ray.data.from_items([{"image": source} for source in sources])
     labelled = dataset.map_batches(
         FlorenceLabeller,
         fn_constructor_kwargs={
@@ -144,3 +153,16 @@ def label_with_ray(
     else:
         labelled.write_json(str(output))
     return output
+
+
+def _check_output_folder(output: str | os.PathLike, sources: list[str]) -> None:
+    """Refuse, before Ray starts, an output folder that is or holds an input, and one that
+    already holds files: Ray adds its block files beside them, and :func:`read_labels` reads
+    every file of the folder, so a second run into it would label each image twice."""
+    check_folder_output(output, [s for s in sources if not is_url(s)], name="output")
+    folder = expand_path(output)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise OutputError(
+            f"The output folder {os.fspath(output)} already holds files (an earlier run's?): "
+            "give a new or empty folder, or delete the old one first."
+        )

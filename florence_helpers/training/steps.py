@@ -208,14 +208,23 @@ class _Checkpoint:
                 "checkpoint_dir, or pass resume=False to start over."
             )
         parameters = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in state["weights"].items():
-                parameters[name].copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        return int(state["step"]), TrainingHistory(**state["history"])
+        try:
+            with torch.no_grad():
+                for name, tensor in state["weights"].items():
+                    parameters[name].copy_(tensor)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as error:
+            raise self._foreign() from error
+        return state["step"], TrainingHistory(**state["history"])
+
+    def _foreign(self) -> ValueError:
+        return ValueError(
+            f"{self.path} is not a training checkpoint this package wrote (it cannot be read "
+            "as one). Use another checkpoint_dir, or move the file away."
+        )
 
     def _read(self) -> dict[str, Any]:
         """The checkpoint's contents, checked to be one that :meth:`save` wrote."""
@@ -226,11 +235,8 @@ class _Checkpoint:
         except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on foreign files
             state = error
         keys = {"step", "num_samples", "weights", "optimizer", "scheduler", "scaler", "history"}
-        if not (isinstance(state, dict) and keys <= state.keys()):
-            raise ValueError(
-                f"{self.path} is not a training checkpoint this package wrote (it cannot be "
-                "read as one). Use another checkpoint_dir, or move the file away."
-            ) from (state if isinstance(state, Exception) else None)
+        if not (isinstance(state, dict) and keys <= state.keys() and _as_written(state)):
+            raise self._foreign() from (state if isinstance(state, Exception) else None)
         return state
 
     def save(
@@ -259,6 +265,38 @@ class _Checkpoint:
             "rng": torch.get_rng_state(),
         }
         write_atomically(self.path, lambda handle: torch.save(state, handle))
+
+
+def _as_written(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's values have the types :meth:`_Checkpoint.save` gives them: a
+    step count of at least 0 (a negative one asked for a billion epochs), a history of flat
+    lists of numbers (nested shared lists are a few bytes that expand exponentially when
+    copied), weights as tensors, the random state as bytes."""
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    history = state["history"]
+    fields = {f.name for f in dataclasses.fields(TrainingHistory)}
+    return (
+        whole(state["step"])
+        and whole(state["num_samples"])
+        and isinstance(state["weights"], dict)
+        and all(isinstance(t, torch.Tensor) for t in state["weights"].values())
+        and isinstance(state.get("rng"), torch.Tensor)
+        and state["rng"].dtype == torch.uint8
+        and isinstance(history, dict)
+        and history.keys() == fields
+        and all(
+            isinstance(history[name], list) and all(map(number, history[name]))
+            for name in ("losses", "learning_rates", "epoch_losses", "validation_losses")
+        )
+        and number(history["seconds"])
+        and whole(history["samples_seen"])
+    )
 
 
 def _epoch_plan(
