@@ -621,3 +621,17 @@ def test_a_huge_file_that_is_not_a_label_file_is_refused_from_its_first_line(
     out.write_bytes(b"not json\n" + b"x" * 1000)
     with pytest.raises(LabelFileError, match="line 1 is not a label record"):
         label(florence, photos, "CAPTION", out, **FAST)
+
+
+def test_a_label_line_followed_by_a_sparse_hole_is_refused_without_reading_it_whole(
+    florence, photos, tmp_path
+):
+    # Eleventh hostile review: a valid first line, then 1.5 GB of sparse zeros, took 4.9 GB.
+    out = tmp_path / "labels.jsonl"
+    label(florence, photos, "CAPTION", out, **FAST)
+    size = out.stat().st_size
+    with open(out, "r+b") as handle:
+        handle.truncate(size + 2**31)
+    with pytest.raises(LabelFileError, match="a line is longer than any label record"):
+        label(florence, photos, "CAPTION", out, **FAST)
+    assert out.stat().st_size == size + 2**31

@@ -666,3 +666,13 @@ def test_a_target_pattern_that_backtracks_on_an_embedding_name_is_refused(
     monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
     with pytest.raises(AdapterError, match=r"take more than 2 s to match"):
         load_adapter(load_tiny(), adapter_copy)
+
+
+def test_more_pattern_keys_than_pythons_regex_cache_are_refused(load_tiny, adapter_copy):
+    # 550 slow-to-compile rank_pattern keys passed the timed check (each compiled once), then
+    # peft compiled each again for every module for minutes (eleventh hostile review).
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    config["rank_pattern"] = {f"fc1_{i}": 4 for i in range(129)}
+    (adapter_copy / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"at most 128 keys of at most 1,000 characters"):
+        load_adapter(load_tiny(), adapter_copy)

@@ -571,3 +571,32 @@ def test_mcp_tools_keep_the_servers_token_cap_and_class_limit(florence, calls, t
     assert not caption.is_error  # the token cap of 64 is what the tool asks for
     with pytest.raises(ToolError, match="more than the 3"):
         asyncio.run(tools.call_tool("detect", {"image": image, "classes": list("abcd")}))
+
+
+def test_an_mcp_detect_that_times_out_cancels_every_class_job(florence, monkeypatch, tmp_path):
+    # Only the first class's job was cancelled: the other 31 stayed queued with their image and
+    # ran for nobody, and each class waited a whole deadline of its own (eleventh review).
+    from mcp.server.mcpserver.exceptions import ToolError
+
+    from florence_helpers.serve.mcp_tools import _Tools
+
+    release = threading.Event()
+    real = batching.run
+    monkeypatch.setattr(batching, "run", lambda *a, **k: release.wait(30) and real(*a, **k))
+    (tmp_path / "p.png").write_bytes(picture())
+    settings = ServeSettings(
+        allowed_folders=(str(tmp_path),), request_timeout_s=0.5, max_batch=1, max_wait_ms=0
+    )
+    tools = _Tools(florence, settings)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ToolError, match="took more than 0.5 s"):
+            tools.detect(str(tmp_path / "p.png"), [f"class {i}" for i in range(8)])
+        assert time.monotonic() - started < 5  # one deadline for the call, not one per class
+        assert tools.batcher.waiting <= 1  # at most the one the worker had taken
+        release.set()
+        time.sleep(0.5)
+        assert tools.batcher.batches <= 1
+    finally:
+        release.set()
+        tools.batcher.close(5)

@@ -231,6 +231,27 @@ def _check_first_line(out: Path, head: bytes) -> None:
         raise _not_a_label_file(out, "line 1 is not a label record")
 
 
+def _check_line_lengths(out: Path) -> None:
+    """Refuse a file with a line longer than any record before reading it whole: a label line
+    followed by a sparse hole of gigabytes is no label file (one pass, a chunk at a time)."""
+    run = 0
+    with open(out, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            newline = chunk.rfind(b"\n")
+            if newline < 0:
+                run += len(chunk)
+            else:
+                first, *others = chunk[:newline].split(b"\n")
+                if max([run + len(first), *map(len, others)]) > _FIRST_LINE_BYTES:
+                    break
+                run = len(chunk) - newline - 1
+            if run > _FIRST_LINE_BYTES:
+                break
+        else:
+            return
+    raise _not_a_label_file(out, "a line is longer than any label record")
+
+
 def _scan(out: Path, job: dict[str, Any]) -> FileContents:
     """Read an existing label file; refuse anything that is not one."""
     empty = FileContents(set(), set(), [], None, 0, 0)
@@ -238,6 +259,7 @@ def _scan(out: Path, job: dict[str, Any]) -> FileContents:
         return empty
     try:  # any size (it grows with every job), but a regular file
         _check_first_line(out, read_head(out, _FIRST_LINE_BYTES))
+        _check_line_lengths(out)
         data = read_file(out, max_bytes=None)
     except InputError as error:
         raise LabelFileError(str(error)) from None

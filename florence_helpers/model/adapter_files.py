@@ -81,8 +81,20 @@ def _is_texts(value: Any) -> bool:
     )
 
 
+MAX_PATTERN_KEYS = 128
+"""The most keys a ``rank_pattern`` or ``alpha_pattern`` may hold, each at most
+:data:`MAX_PATTERN_CHARS` long: peft compiles every key again for every module once there are
+more than Python's cache of 512 regular expressions (550 slow keys took minutes)."""
+MAX_PATTERN_CHARS = 1000
+
+
 def _is_table(value: Any, fits: Any) -> bool:
-    return isinstance(value, dict) and len(value) <= MAX_PATTERNS and all(map(fits, value.values()))
+    return (
+        isinstance(value, dict)
+        and len(value) <= MAX_PATTERN_KEYS
+        and all(len(key) <= MAX_PATTERN_CHARS for key in value)
+        and all(map(fits, value.values()))
+    )
 
 
 # The fields of adapter_config.json this package and peft read, each with what it may be
@@ -143,6 +155,11 @@ def _check_config_types(config: dict[str, Any], config_path: Path) -> None:
                     f"{value!r}."
                 )
             capped = f", with at most {MAX_PATTERNS:,} entries" if field in _CAPPED else ""
+            if field in ("rank_pattern", "alpha_pattern"):
+                capped = (
+                    f", with at most {MAX_PATTERN_KEYS} keys of at most {MAX_PATTERN_CHARS:,} "
+                    "characters"
+                )
             raise AdapterError(
                 f"{config_path}: {field} is {shown(value)}, but must be {expected}{capped} (or "
                 "null). The file is damaged or was edited by hand: save or download the "

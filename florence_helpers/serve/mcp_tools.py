@@ -79,23 +79,31 @@ class _Tools:
             raise ToolError(f"{error.field}: {error.message}") from None
 
     def answer(self, image: str, task: str, text: str | None = None) -> Any:
-        return self.result(self.batcher.submit(self.job(self.picture(image), task, text)))
+        (answer,) = self.results([self.job(self.picture(image), task, text)])
+        return answer
 
-    def result(self, future: Any) -> Any:
-        """The job's answer within the request deadline; an error the client can read."""
+    def results(self, jobs: list[Any]) -> list[Any]:
+        """The jobs' answers within one request deadline for them all; an error the client
+        can read. On any failure every job of the call is cancelled: none runs for nobody."""
+        import time
         from concurrent.futures import TimeoutError as Late
 
         from mcp.server.mcpserver.exceptions import ToolError
 
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        futures: list[Any] = []
         try:
-            return future.result(timeout=self.settings.request_timeout_s)
+            futures += [self.batcher.submit(job) for job in jobs]
+            return [f.result(timeout=max(deadline - time.monotonic(), 0)) for f in futures]
         except Late:
-            future.cancel()
             raise ToolError(
                 f"The answer took more than {self.settings.request_timeout_s:g} s."
             ) from None
         except (TaskInputError, ImageLoadError) as error:
             raise ToolError(str(error)) from None
+        finally:
+            for future in futures:
+                future.cancel()  # a no-op for those done or running
 
     def detect(self, image: str, classes: list[str]) -> Any:
         from mcp.server.mcpserver.exceptions import ToolError
@@ -108,8 +116,7 @@ class _Tools:
             raise ToolError(str(error)) from None
         loaded = self.picture(image)
         jobs = [self.job(loaded, "OPEN_VOCABULARY_DETECTION", name) for name in names]
-        futures = [self.batcher.submit(job) for job in jobs]
-        return merge_detections([self.result(future) for future in futures], names)
+        return merge_detections(self.results(jobs), names)
 
 
 def _register(server: Any, tools: _Tools) -> None:
