@@ -10,6 +10,7 @@ and the regions come back in reading order.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -181,9 +182,10 @@ class _Region:
     cut_top: bool
     cut_bottom: bool
 
-    @property
-    def box(self) -> tuple[float, float, float, float]:
-        return (*self.quad.min(axis=0), *self.quad.max(axis=0))  # type: ignore[return-value]
+    @functools.cached_property
+    def box(self) -> tuple[float, float, float, float]:  # the quad is never changed
+        (x1, y1), (x2, y2) = self.quad.min(axis=0), self.quad.max(axis=0)
+        return float(x1), float(y1), float(x2), float(y2)
 
     @property
     def cut(self) -> bool:
@@ -214,7 +216,8 @@ def merge_tiles(
     for region in sorted(found, key=lambda r: (r.cut, -r.area)):
         if not any(_duplicate(region, k) for k in kept):
             kept.append(region)
-    kept.sort(key=lambda r: found.index(r))
+    order = {id(region): index for index, region in enumerate(found)}
+    kept.sort(key=lambda r: order[id(r)])
     has_scores = all(result.scores is not None for result in results)
     quads = np.array([r.quad for r in kept], dtype=np.float32).reshape(-1, 4, 2)
     return OCRResult(
@@ -280,10 +283,11 @@ def _stitch_lines(regions: list[_Region]) -> list[_Region]:
     """
     out = list(regions)
     joined_some = True
-    while joined_some:
+    while joined_some:  # only pieces cut at a border are compared: linear in the others
         joined_some = False
-        for left in out:
-            right = next((r for r in out if left.cut_right and _continues(left, r)), None)
+        continuations = [r for r in out if r.cut_left]
+        for left in [r for r in out if r.cut_right]:
+            right = next((r for r in continuations if _continues(left, r)), None)
             if right is not None:
                 out[out.index(left)] = _joined(left, right)
                 out.remove(right)
