@@ -182,3 +182,56 @@ def test_a_float_image_with_nan_and_infinities_loads_with_them_as_zero():
         warnings.simplefilter("error")
         image = load_image(Image.fromarray(array, mode="F"))
     assert np.asarray(image)[..., 0].tolist() == [[0, 128, 255], [0, 0, 0]]
+
+
+def _tiff_with_a_huge_tag(values: int) -> bytes:
+    """A 1x1 TIFF whose XResolution holds ``values`` fractions (a few bytes each)."""
+    import struct
+
+    entries = [  # tag, type, count, value or offset
+        (256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+        (273, 4, 1, 0), (277, 3, 1, 1), (278, 3, 1, 1), (279, 4, 1, 1), (282, 5, values, 0),
+    ]  # fmt: skip
+    header = 8
+    directory = 2 + 12 * len(entries) + 4
+    pixel_at = header + directory
+    rational_at = pixel_at + 1
+    out = bytearray(b"II*\0" + struct.pack("<I", header) + struct.pack("<H", len(entries)))
+    for tag, kind, count, value in entries:
+        value = pixel_at if tag == 273 else rational_at if tag == 282 else value
+        out += struct.pack("<HHII", tag, kind, count, value)
+    out += struct.pack("<I", 0) + b"\x80" + struct.pack("<II", 72, 1) * values
+    return bytes(out)
+
+
+def test_a_tiff_whose_tag_holds_millions_of_values_is_refused_before_pillow_parses_it(tmp_path):
+    # A 19 MB 1x1 TIFF whose XResolution held 2.4 million fractions took Pillow 10 s and 0.6 GB
+    # to open, before any pixel check (eleventh hostile review).
+    import time
+
+    from florence_helpers.boundary.images import image_size
+
+    ordinary = _tiff_with_a_huge_tag(1)
+    assert load_image(ordinary).size == (1, 1)  # the same file with one value loads
+    hostile = _tiff_with_a_huge_tag(400_000)
+    (tmp_path / "x.tif").write_bytes(hostile)
+    started = time.monotonic()
+    for source in (hostile, tmp_path / "x.tif", str(tmp_path / "x.tif")):
+        with pytest.raises(ImageLoadError, match=r"a TIFF tag \(282\) of 400,000 values"):
+            load_image(source)
+    with pytest.raises(ImageLoadError, match="a TIFF tag"):
+        image_size(hostile)
+    assert time.monotonic() - started < 10
+
+
+def test_ordinary_tiffs_still_open(tmp_path):
+    picture = Image.new("RGB", (300, 200), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the EXIF directory is walked too
+    for options in ({}, {"tiffinfo": exif}, {"compression": "tiff_lzw"}):
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}.tif"
+        picture.save(path, **options)
+        assert load_image(path).size in ((300, 200), (200, 300))
+    pages = tmp_path / "pages.tif"
+    picture.save(pages, save_all=True, append_images=[picture] * 3)
+    assert load_image(pages).size == (300, 200)

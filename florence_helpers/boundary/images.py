@@ -30,6 +30,7 @@ from .inputs import (
     is_url,
     local_path,
 )
+from .tiff import tiff_problem
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 """A path, URL, encoded bytes, PIL image or numpy array (HxW, HxWx3 or HxWx4)."""
@@ -247,6 +248,13 @@ def _formats() -> list[str]:
 def open_header(data: bytes | os.PathLike | Any, name: str) -> Any:
     """The image opened (its header read) by one of the decoded formats' plugins."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
+    problem = _tiff_problem(source)
+    if problem is not None:
+        raise ImageLoadError(
+            f"Did not open {name}: it holds {problem}, which Pillow reads value by value "
+            "before the image's size is known (2.4 million took 10 s); no camera or editor "
+            "writes such a file. Re-save it as PNG or JPEG."
+        )
     try:
         return Image.open(source, formats=_formats())
     except Image.DecompressionBombError as error:
@@ -260,6 +268,20 @@ def open_header(data: bytes | os.PathLike | Any, name: str) -> Any:
         raise ImageLoadError(
             f"Could not read {name} as an image: its header is damaged."
         ) from error
+
+
+def _tiff_problem(source: Any) -> str | None:
+    """:func:`tiff_problem` for an open file, or a path opened without blocking."""
+    if hasattr(source, "seek"):
+        return tiff_problem(source)
+    try:
+        descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, TypeError, ValueError):
+        return None  # Pillow names the problem
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        return tiff_problem(handle)
 
 
 def decode_image(
