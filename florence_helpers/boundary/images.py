@@ -29,6 +29,7 @@ from .inputs import (
     check_local_path,
     is_url,
     local_path,
+    open_regular,
 )
 from .tiff import tiff_problem
 
@@ -275,12 +276,10 @@ def _tiff_problem(source: Any) -> str | None:
     if hasattr(source, "seek"):
         return tiff_problem(source)
     try:
-        descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except (OSError, TypeError, ValueError):
+        handle = open_regular(source)
+    except (OSError, TypeError, ValueError):  # InputError is a ValueError
         return None  # Pillow names the problem
-    with os.fdopen(descriptor, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            return None
+    with handle:
         return tiff_problem(handle)
 
 

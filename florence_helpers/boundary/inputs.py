@@ -28,7 +28,7 @@ import stat
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 DEFAULT_MAX_MB = 50.0
 """The largest download accepted by default, in megabytes."""
@@ -348,6 +348,32 @@ def read_file(
         Cannot read /dev/zero: it is not a regular file.
     """
     name = os.fsdecode(os.fspath(path))
+    with open_regular(path, follow_links=follow_links) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        limit = max_bytes if max_bytes is not None else math.inf
+        if size > limit:
+            raise InputError(_too_large(name, size, limit))
+        try:
+            data = handle.read(size)
+            while more := handle.read(1 << 20):  # it grew since fstat: read on, to the limit
+                data += more
+                if len(data) > limit:
+                    raise InputError(_too_large(name, len(data), limit))
+        except OSError as error:
+            raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
+    return data
+
+
+def open_regular(path: str | os.PathLike, *, follow_links: bool = True) -> BinaryIO:
+    """A local file opened for reading, checked on the open descriptor to be a regular file:
+    opened without blocking, so a FIFO is refused instead of waiting for a writer for ever.
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        InputError: It is not a regular file, is a symbolic link where ``follow_links`` is
+            false, or cannot be opened; the message names it.
+    """
+    name = os.fsdecode(os.fspath(path))
     if "\x00" in name:
         raise InputError("A file path cannot hold a NUL character.")
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)
@@ -361,25 +387,13 @@ def read_file(
         if not follow_links and os.path.islink(expand_path(name)):
             raise InputError(f"Did not read {name}: it is a symbolic link.") from None
         raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
-    info = os.fstat(descriptor)
-    if not stat.S_ISREG(info.st_mode):
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
         os.close(descriptor)
-        if stat.S_ISDIR(info.st_mode):
+        if stat.S_ISDIR(mode):
             raise InputError(f"Cannot read {name}: it is a directory, not a file.")
         raise InputError(f"Cannot read {name}: it is not a regular file.")
-    with os.fdopen(descriptor, "rb") as handle:
-        limit = max_bytes if max_bytes is not None else math.inf
-        if info.st_size > limit:
-            raise InputError(_too_large(name, info.st_size, limit))
-        try:
-            data = handle.read(info.st_size)
-            while more := handle.read(1 << 20):  # it grew since fstat: read on, to the limit
-                data += more
-                if len(data) > limit:
-                    raise InputError(_too_large(name, len(data), limit))
-        except OSError as error:
-            raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
-    return data
+    return os.fdopen(descriptor, "rb")
 
 
 def read_head(path: str | os.PathLike, max_bytes: int) -> bytes:
@@ -390,21 +404,11 @@ def read_head(path: str | os.PathLike, max_bytes: int) -> bytes:
         FileNotFoundError: There is no such file.
         InputError: It is not a regular file, or cannot be read.
     """
-    name = os.fsdecode(os.fspath(path))
-    try:
-        descriptor = os.open(expand_path(name), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"File not found: {name}") from None
-    except (OSError, ValueError) as error:
-        reason = getattr(error, "strerror", None) or error
-        raise InputError(f"Cannot read {name}: {reason}.") from None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise InputError(f"Cannot read {name}: it is not a regular file.")
-    with os.fdopen(descriptor, "rb") as handle:
+    with open_regular(path) as handle:
         try:
             return handle.read(max_bytes)
         except OSError as error:
+            name = os.fsdecode(os.fspath(path))
             raise InputError(f"Cannot read {name}: {error.strerror or error}.") from None
 
 

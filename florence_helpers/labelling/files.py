@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..boundary.inputs import InputError, expand_path, is_url, local_path, read_file, read_head
+from ..boundary.inputs import (
+    InputError,
+    expand_path,
+    is_url,
+    local_path,
+    open_regular,
+    read_file,
+    read_head,
+)
 from ..boundary.outputs import (
     InUseError,
     lock_path,  # noqa: F401 - where label code has looked for it
@@ -235,7 +243,7 @@ def _check_line_lengths(out: Path) -> None:
     """Refuse a file with a line longer than any record before reading it whole: a label line
     followed by a sparse hole of gigabytes is no label file (one pass, a chunk at a time)."""
     run = 0
-    with open(out, "rb") as handle:
+    with open_regular(out) as handle:
         while chunk := handle.read(1 << 20):
             newline = chunk.rfind(b"\n")
             if newline < 0:
