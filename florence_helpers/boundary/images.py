@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .fetching import fetch_url as _fetch_url
+from .file_structure import exif_problem, structure_problem
 from .inputs import (
     DEFAULT_MAX_MB,
     DEFAULT_MAX_PIXELS,
@@ -31,7 +32,6 @@ from .inputs import (
     local_path,
     open_regular,
 )
-from .tiff import tiff_problem
 
 ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 """A path, URL, encoded bytes, PIL image or numpy array (HxW, HxWx3 or HxWx4)."""
@@ -249,12 +249,11 @@ def _formats() -> list[str]:
 def open_header(data: bytes | os.PathLike | Any, name: str) -> Any:
     """The image opened (its header read) by one of the decoded formats' plugins."""
     source = io.BytesIO(data) if isinstance(data, bytes) else data
-    problem = _tiff_problem(source)
+    problem = _structure_problem(source)
     if problem is not None:
         raise ImageLoadError(
-            f"Did not open {name}: it holds {problem}, which Pillow reads value by value "
-            "before the image's size is known (2.4 million took 10 s); no camera or editor "
-            "writes such a file. Re-save it as PNG or JPEG."
+            f"Did not open {name}: it holds {problem}; no camera or editor writes such a "
+            "file. Re-save it as PNG or JPEG."
         )
     try:
         return Image.open(source, formats=_formats())
@@ -271,16 +270,16 @@ def open_header(data: bytes | os.PathLike | Any, name: str) -> Any:
         ) from error
 
 
-def _tiff_problem(source: Any) -> str | None:
-    """:func:`tiff_problem` for an open file, or a path opened without blocking."""
+def _structure_problem(source: Any) -> str | None:
+    """:func:`structure_problem` for an open file, or a path opened without blocking."""
     if hasattr(source, "seek"):
-        return tiff_problem(source)
+        return structure_problem(source)
     try:
         handle = open_regular(source)
     except (OSError, TypeError, ValueError):  # InputError is a ValueError
         return None  # Pillow names the problem
     with handle:
-        return tiff_problem(handle)
+        return structure_problem(handle)
 
 
 def decode_image(
@@ -368,6 +367,7 @@ def upright(image: Image.Image, name: str = "the image") -> Image.Image:
     Raises:
         ImageLoadError: The orientation cannot be read.
     """
+    check_exif(image, name)
     try:
         return ImageOps.exif_transpose(image)
     except Exception as error:  # noqa: BLE001 - EXIF parsing raises many kinds on bad data
@@ -375,6 +375,19 @@ def upright(image: Image.Image, name: str = "the image") -> Image.Image:
             f"Could not read {name}: its EXIF data (orientation) is damaged; re-save the image "
             "without it."
         ) from error
+
+
+def check_exif(image: Image.Image, name: str = "the image") -> None:
+    """Refuse EXIF data that Pillow would take unbounded time to parse (see
+    :mod:`~florence_helpers.boundary.file_structure`); call before ``getexif()``.
+
+    Raises:
+        ImageLoadError: The EXIF data holds more values than any camera writes.
+    """
+    exif = image.info.get("exif")
+    problem = exif_problem(exif) if isinstance(exif, bytes) else None
+    if problem is not None:
+        raise ImageLoadError(f"Did not read {name}: it holds {problem}; re-save it without it.")
 
 
 def _jpeg_scans(handle: Any) -> int:

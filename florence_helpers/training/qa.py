@@ -14,9 +14,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..boundary.images import ImageLoadError, decode_image, to_rgb
+from ..boundary.images import ImageLoadError, decode_image, to_rgb, upright
 from ..boundary.inputs import DEFAULT_MAX_PIXELS, InputError, expand_path, is_unicode, read_file
 from ..boundary.outputs import OutputError, write_atomically
 from ..language.prompts import TaskInputError, build_prompt
@@ -250,9 +250,11 @@ def _write_image(image: Image.Image, root: Path) -> Path:
     """Write an image as a PNG file named by its content: two images never share a name, and
     a file already there is reused only if it holds the same bytes."""
     try:
-        upright = to_rgb(ImageOps.exif_transpose(image))
+        turned = to_rgb(upright(image))
         buffer = io.BytesIO()
-        upright.save(buffer, format="PNG")
+        turned.save(buffer, format="PNG")
+    except ImageLoadError as error:
+        raise _BadAnnotation(str(error)) from None
     except Exception as error:  # noqa: BLE001 - EXIF or encoding failing in its own way
         raise _BadAnnotation(f"the image cannot be written as PNG ({error!r})") from None
     data = buffer.getvalue()

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..boundary.images import ImageLoadError, open_header
+from ..boundary.images import ImageLoadError, check_exif, open_header
 from ..boundary.inputs import (
     DEFAULT_MAX_PIXELS,
     MAX_DATA_FILE_BYTES,
@@ -185,6 +185,7 @@ def _checked_image_size(path: Path, given: tuple[Any, Any] = (None, None)) -> tu
             with open_header(path, str(path)) as image:  # the formats load_image decodes
                 width, height = image.size
                 too_large = width * height > DEFAULT_MAX_PIXELS
+                check_exif(image, str(path))
                 if not too_large and image.getexif().get(_EXIF_ORIENTATION) in _ROTATED:
                     width, height = height, width
     except ImageLoadError as error:

@@ -1,0 +1,151 @@
+"""Image containers that Pillow walks piece by piece in Python are refused before it does.
+
+Each hostile file here is small, opens in Pillow (slowly, at full size), and must be refused
+by :mod:`florence_helpers.boundary.file_structure` first; ordinary files of each kind still load.
+"""
+
+import io
+import struct
+import time
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from florence_helpers import ImageLoadError, load_image
+from florence_helpers.boundary.file_structure import MAX_PIECES, structure_problem
+from florence_helpers.boundary.images import image_size
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes = b"") -> bytes:
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _exif_with_a_huge_tag(values: int) -> bytes:
+    """EXIF data (a TIFF structure) whose XResolution holds ``values`` fractions."""
+    directory = struct.pack("<H", 1) + struct.pack("<HHII", 282, 5, values, 26) + b"\0" * 4
+    return b"II*\0" + struct.pack("<I", 8) + directory + struct.pack("<II", 72, 1) * values
+
+
+def _png_with(before_pixels: bytes = b"", after_pixels: bytes = b"", **options) -> bytes:
+    png = _encoded(Image.new("RGB", (2, 2), (200, 30, 10)), "PNG", **options)
+    pixels = png.index(b"IDAT") - 4
+    end = png.index(b"IEND") - 4
+    return png[:pixels] + before_pixels + png[pixels:end] + after_pixels + png[end:]
+
+
+def _refused(data: bytes, match: str, tmp_path) -> None:
+    path = tmp_path / "hostile"
+    path.write_bytes(data)
+    started = time.monotonic()
+    for source in (data, path):
+        with pytest.raises(ImageLoadError, match=match):
+            load_image(source)
+    with pytest.raises(ImageLoadError, match=match):
+        image_size(data)
+    assert time.monotonic() - started < 5
+
+
+MANY = MAX_PIECES + 10
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        _png_with(before_pixels=_chunk(b"abCd") * MANY),
+        _png_with(after_pixels=_chunk(b"tEXt", b"a\0b") * MANY),  # read by load(), after IDAT
+        _png_with(before_pixels=_chunk(b"IDAT") * MANY),  # empty pixel-data chunks
+    ],
+    ids=["before-pixels", "after-pixels", "empty-IDAT"],
+)
+def test_a_png_of_thousands_of_chunks_is_refused(hostile, tmp_path):
+    # A million empty chunks (12 MB) took Pillow 3.5 s to open; a 50 MB upload, 15 s.
+    assert Image.open(io.BytesIO(hostile)).size == (2, 2)  # Pillow itself reads it
+    _refused(hostile, "PNG chunks of metadata", tmp_path)
+
+
+def test_exif_of_millions_of_values_is_refused_in_png_and_webp(tmp_path):
+    bomb = _exif_with_a_huge_tag(400_000)
+    before = _png_with(exif=bomb)
+    after = _png_with(after_pixels=_chunk(b"eXIf", bomb))  # Pillow reads it in load()
+    webp = _encoded(Image.new("RGB", (2, 2)), "WEBP", exif=bomb)
+    for hostile in (before, after, webp):
+        _refused(hostile, r"EXIF data with a TIFF tag \(282\) of 400,000 values", tmp_path)
+
+
+def test_a_decoded_image_holding_such_exif_is_refused_before_it_is_parsed():
+    image = Image.new("RGB", (2, 2))
+    image.info["exif"] = b"Exif\0\0" + _exif_with_a_huge_tag(400_000)
+    with pytest.raises(ImageLoadError, match="EXIF data with a TIFF tag"):
+        load_image(image)
+
+
+def test_a_gif_of_thousands_of_comment_blocks_before_its_picture_is_refused(tmp_path):
+    gif = _encoded(Image.new("P", (2, 2)), "GIF")
+    picture = gif.index(b",")
+    comment = b"!\xfe" + b"\x01a" * MANY + b"\0"  # one comment of many one-byte blocks
+    hostile = gif[:picture] + comment + gif[picture:]
+    assert Image.open(io.BytesIO(hostile)).size == (2, 2)
+    _refused(hostile, "GIF extension blocks", tmp_path)
+
+
+def _apng(frames: int) -> bytes:
+    """A 2x2 animated PNG of ``frames`` frames (its later frames copied chunk by chunk)."""
+    colours = [Image.new("RGB", (2, 2), (c, 0, 0)) for c in (0, 100)]
+    png = _encoded(colours[0], "PNG", save_all=True, append_images=colours[1:])
+    second = png.rindex(b"fcTL") - 4
+    end = png.index(b"IEND") - 4
+    return png[:end] + png[second:end] * (frames - 2) + png[end:]
+
+
+def test_ordinary_pngs_gifs_and_webps_still_load_turned_by_their_exif(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated
+    picture = Image.new("RGB", (30, 20), (10, 200, 30))
+    turned = [
+        _encoded(picture, "PNG", exif=exif),
+        _png_with(after_pixels=_chunk(b"eXIf", exif.tobytes())),
+        _encoded(picture, "WEBP", exif=exif),
+    ]
+    assert [load_image(data).size for data in turned] == [(20, 30), (2, 2), (20, 30)]
+    texts = _png_with(before_pixels=_chunk(b"tEXt", b"Title\0cat") * 50)
+    assert load_image(texts).size == (2, 2)
+    gif = _encoded(Image.new("P", (3, 2)), "GIF", comment=b"made by hand" * 100)
+    assert load_image(gif).size == (3, 2)
+    animation = _apng(MANY)  # Pillow stops at the second frame, and so does the check
+    assert Image.open(io.BytesIO(animation)).n_frames == 2
+    assert load_image(animation).size == (2, 2)
+
+
+SAMPLES = {
+    "png": _png_with(exif=Image.Exif().tobytes()),
+    "gif": _encoded(Image.new("P", (2, 2)), "GIF", comment=b"x"),
+    "webp": _encoded(Image.new("RGB", (2, 2)), "WEBP", exif=_exif_with_a_huge_tag(2)),
+    "tiff": _encoded(Image.new("RGB", (2, 2)), "TIFF"),
+}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(SAMPLES)),
+    cut=st.integers(min_value=0, max_value=200),
+    at=st.integers(min_value=0, max_value=200),
+    noise=st.binary(min_size=1, max_size=8),
+)
+def test_damaged_files_give_an_answer_never_an_exception(kind, cut, at, noise):
+    data = bytearray(SAMPLES[kind])
+    data[at : at + len(noise)] = noise
+    handle = io.BytesIO(bytes(data[: max(len(data) - cut, 0)]))
+    handle.seek(0)
+    problem = structure_problem(handle)
+    assert problem is None or isinstance(problem, str)
+    assert handle.tell() == 0
