@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import io
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +61,16 @@ def _png(image: Any) -> bytes:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _box_corners(box: Any) -> tuple[float, float, float, float] | None:
+    """A drawn box's corners (x1, y1, x2, y2), or None unless it holds four finite numbers."""
+    try:
+        x, y = float(box["x"]), float(box["y"])
+        corners = (x, y, x + float(box["width"]), y + float(box["height"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return corners if all(math.isfinite(value) for value in corners) else None
 
 
 def _status(kind: str, text: str) -> str:
@@ -301,10 +312,11 @@ class Explorer:
         if not boxes or self._size is None:  # deleted on the image
             self._set_region((0, 0, 0, 0), draw=False)
             return
-        box = boxes[-1]
+        corners = _box_corners(boxes[-1])
+        if corners is None:  # not four finite numbers: keep the fields as they are
+            return
         width, height = self._size
-        x1, y1 = float(box["x"]), float(box["y"])
-        x2, y2 = x1 + float(box["width"]), y1 + float(box["height"])
+        x1, y1, x2, y2 = corners
         x1, x2 = sorted(round(min(max(x, 0.0), width)) for x in (x1, x2))
         y1, y2 = sorted(round(min(max(y, 0.0), height)) for y in (y1, y2))
         # While the mouse is still down the box may have no size yet: leave the drawing alone.

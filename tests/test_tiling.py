@@ -163,3 +163,73 @@ def test_auto_tile_size_follows_the_model_input(florence):
     assert tile_side(florence, (640, 400), None) == 192  # 1.5 x the tiny model's 128
     assert tile_side(florence, (190, 150), None) is None
     assert tile_side(florence, (640, 400), 256) == 256
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"overlap": float("nan")},
+        {"overlap": "10"},
+        {"overlap": True},
+        {"tile_size": float("nan")},
+        {"tile_size": float("inf")},
+        {"batch_size": 0},
+    ],
+)
+def test_settings_that_are_not_whole_numbers_are_named(florence, page, kwargs):
+    # overlap=nan raised "cannot convert float NaN to integer" from int() (hostile review).
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        tiled_ocr(florence, page, **kwargs)
+
+
+def test_tiles_are_cropped_one_batch_at_a_time(florence, page, monkeypatch):
+    # All crops at once held the page's pixels about twice again (1 GB for 89 megapixels).
+    import florence_helpers.model.tiling as tiling
+
+    batches = []
+
+    def answer(florence, crops, task, **kwargs):
+        batches.append([crop.size for crop in crops])
+        return [
+            OCRResult("OCR_WITH_REGION", crop.size, raw="", quads=np.zeros((0, 4, 2)), texts=[])
+            for crop in crops
+        ]
+
+    monkeypatch.setattr(tiling, "run", answer)
+    tiled_ocr(florence, page, tile_size=192, overlap=48, batch_size=4)
+    assert [len(batch) for batch in batches] == [4, 4, 4, 3]  # 15 tiles
+
+
+def test_merging_compares_each_region_only_with_its_neighbours(monkeypatch):
+    # Every region was compared with every kept one: 12,000 regions (121 tiles of a
+    # 90-megapixel page, 100 lines each) took minutes.
+    import florence_helpers.model.tiling as tiling
+
+    side, overlap, rows = 400, 100, 30
+    page_size = (side * 4, side * 4)
+    tiles = page_tiles(page_size, side, overlap)
+    results = []
+    for x1, y1, _, _ in tiles:
+        quads = [
+            [[20, top], [300, top], [300, top + 6], [20, top + 6]]
+            for top in range(10, 10 + rows * 12, 12)
+        ]
+        texts = [f"line {x1} {y1} {k}" for k in range(rows)]
+        results.append(
+            OCRResult("OCR_WITH_REGION", (side, side), raw="", quads=np.array(quads), texts=texts)
+        )
+    found = [
+        region
+        for index, (result, tile) in enumerate(zip(results, tiles, strict=True))
+        for region in tiling._shifted(result, index, tile, page_size)
+    ]
+    compared = []
+    original = tiling._duplicate
+    monkeypatch.setattr(tiling, "_duplicate", lambda a, b: compared.append(1) or original(a, b))
+    everything = tiling._without_duplicates(found, cell=10**9)  # one cell: all pairs compared
+    all_pairs = len(compared)
+    compared.clear()
+    assert tiling._without_duplicates(found, cell=side // 8) == everything
+    assert len(everything) < len(found)  # the overlaps do hold repeated lines
+    assert len(compared) < all_pairs / 50

@@ -101,6 +101,26 @@ def test_a_box_without_size_while_the_mouse_is_down_is_left_on_the_image(florenc
     assert _corners(panel) == [40, 30, 40, 30]
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"x": float("nan"), "y": 1, "width": 5, "height": 5},
+        {"x": 1, "y": 1, "width": float("inf"), "height": 5},
+        {"x": "left", "y": 1, "width": 5, "height": 5},
+        {"x": 1, "y": 1},
+        None,
+    ],
+)
+def test_a_box_that_is_not_four_finite_numbers_leaves_the_fields_as_they_were(
+    florence, images, bad
+):
+    panel = explore(florence, images)
+    panel.task.value = Task.REGION_TO_CATEGORY
+    panel.canvas.bboxes = [_drawn(panel, 10, 20, 100, 50)]
+    panel.canvas.bboxes = [bad]  # round(nan) raised ValueError inside the observer
+    assert _corners(panel) == [10, 20, 110, 70]
+
+
 def test_changing_the_image_clears_the_region(florence, images):
     panel = explore(florence, images)
     panel.task.value = Task.REGION_TO_CATEGORY

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..boundary.images import ImageSource, load_image
+from ..boundary.inputs import check_number
 from ..language.ocr import reading_order, to_lines
 from ..language.prompts import TaskInputError
 from ..language.results import OCRResult, TextResult
@@ -72,6 +74,7 @@ def tiled_ocr(
     Raises:
         TaskInputError: Another task, a tile smaller than the model's input or larger than
             the page, or an overlap of half a tile or more.
+        SettingError: ``tile_size``, ``overlap`` or ``batch_size`` not a whole number in range.
 
     Example:
         >>> page = tiled_ocr(florence, "scan_300dpi.png")  # doctest: +SKIP
@@ -80,26 +83,20 @@ def tiled_ocr(
     spec = task_spec(task)
     if spec.task not in (Task.OCR, Task.OCR_WITH_REGION):
         raise TaskInputError(f"tiled_ocr reads text: use OCR or OCR_WITH_REGION, not {spec.name}.")
+    batch_size = int(check_number(batch_size, "batch_size", minimum=1, integer=True))
+    if overlap is not None:
+        overlap = int(check_number(overlap, "overlap", minimum=0, integer=True))
     page = load_image(image)
     side = tile_side(florence, page.size, tile_size)
     if side is None:
         return run(florence, page, spec, scores=scores, **run_kwargs)
-    share = side // 4 if overlap is None else int(overlap)
-    if not 0 <= share < side / 2:
+    share = side // 4 if overlap is None else overlap
+    if share >= side / 2:
         raise TaskInputError(
-            f"overlap must be at least 0 and under half the tile ({side // 2} pixels), got {share}."
+            f"overlap must be under half the tile ({side // 2} pixels), got {share}."
         )
     tiles = page_tiles(page.size, side, share)
-    crops = [page.crop(tile) for tile in tiles]
-    answers = run(
-        florence,
-        crops,
-        Task.OCR_WITH_REGION,
-        scores=scores,
-        batch_size=batch_size,
-        progress=progress,
-        **run_kwargs,
-    )
+    answers = _read_tiles(florence, page, tiles, scores, batch_size, progress, run_kwargs)
     merged = reading_order(merge_tiles(answers, tiles, page.size))
     if spec.task is Task.OCR_WITH_REGION:
         return merged
@@ -117,6 +114,35 @@ def tiled_ocr(
     )
 
 
+def _read_tiles(
+    florence: FlorenceModel,
+    page: Any,
+    tiles: list[Tile],
+    scores: bool,
+    batch_size: int,
+    progress: bool | None,
+    run_kwargs: dict[str, Any],
+) -> list[OCRResult]:
+    """Each tile's OCR_WITH_REGION answer, cropping one batch at a time: the crops of a
+    90-megapixel page would hold twice its pixels again."""
+    answers: list[OCRResult] = []
+    show = progress if progress is not None else len(tiles) > batch_size
+    with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not show) as bar:
+        for start in range(0, len(tiles), batch_size):
+            crops = [page.crop(tile) for tile in tiles[start : start + batch_size]]
+            answers += run(
+                florence,
+                crops,
+                Task.OCR_WITH_REGION,
+                scores=scores,
+                batch_size=batch_size,
+                progress=False,
+                **run_kwargs,
+            )
+            bar.update(len(crops))
+    return answers
+
+
 def model_input_side(florence: FlorenceModel) -> int:
     """The side, in pixels, that the processor resizes every image to (768 for Florence-2)."""
     size = florence.processor.image_processor.size
@@ -132,7 +158,7 @@ def tile_side(
     if tile_size is None:
         auto = int(AUTO_TILE_SCALE * minimum)
         return None if longest <= auto else auto
-    tile = int(tile_size)
+    tile = int(check_number(tile_size, "tile_size", minimum=1, integer=True))
     if tile < minimum:
         raise TaskInputError(
             f"tile_size {tile} is below the model's input size ({minimum} pixels): smaller "
@@ -212,10 +238,8 @@ def merge_tiles(
         for index, (result, tile) in enumerate(zip(results, tiles, strict=True))
     ]
     found = _stitch_lines([region for tile in regions for region in tile])
-    kept: list[_Region] = []
-    for region in sorted(found, key=lambda r: (r.cut, -r.area)):
-        if not any(_duplicate(region, k) for k in kept):
-            kept.append(region)
+    side = max((max(x2 - x1, y2 - y1) for x1, y1, x2, y2 in tiles), default=1)
+    kept = _without_duplicates(found, cell=max(side // 8, 1))
     order = {id(region): index for index, region in enumerate(found)}
     kept.sort(key=lambda r: order[id(r)])
     has_scores = all(result.scores is not None for result in results)
@@ -252,6 +276,28 @@ def _shifted(result: OCRResult, index: int, tile: Tile, page_size: tuple[int, in
             )
         )
     return regions
+
+
+def _without_duplicates(found: list[_Region], cell: int) -> list[_Region]:
+    """The regions that no other repeats: whole ones first, larger first, each kept unless a
+    region kept before repeats it.
+
+    Only regions whose boxes overlap can repeat each other, so each region is compared with
+    the kept ones in the grid cells (``cell`` pixels square) its box touches, not with all:
+    a page of 10,000 regions is not 50 million comparisons.
+    """
+    grid: dict[tuple[int, int], list[_Region]] = {}
+    kept: list[_Region] = []
+    for region in sorted(found, key=lambda r: (r.cut, -r.area)):
+        x1, y1, x2, y2 = (int(v // cell) for v in region.box)
+        cells = [(x, y) for x in range(x1, x2 + 1) for y in range(y1, y2 + 1)]
+        nearby = {id(k): k for c in cells for k in grid.get(c, ())}
+        if any(_duplicate(region, k) for k in nearby.values()):
+            continue
+        kept.append(region)
+        for c in cells:
+            grid.setdefault(c, []).append(region)
+    return kept
 
 
 def _duplicate(region: _Region, other: _Region) -> bool:
