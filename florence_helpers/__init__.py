@@ -3,15 +3,17 @@
 What is exported here: what a notebook or script needs to load a model, run tasks, read and
 select results, draw them and convert them (COCO, masks, supervision, box formats). Whole
 workflows with their own vocabulary come from their subpackages: ``florence_helpers.training``
-(datasets, LoRA adapters, ``train``, ``evaluate_samples``), ``florence_helpers.labelling``
+(datasets, LoRA adapters, ``train``, ``evaluate_samples``), ``florence_helpers.masks``
+(SAM 2 masks from Florence-2's boxes: ``load_sam``, ``segment``), ``florence_helpers.labelling``
 (``label``, ``read_labels``, Ray Data), ``florence_helpers.serve`` (HTTP and MCP),
 ``florence_helpers.widgets`` (``explore``); the offline test model is in
 ``florence_helpers.testing``. ``__all__`` is sorted: constants, classes, then functions.
 
 The package is in layers, each a subpackage that imports only those below it: ``language``
 (tasks, prompts, the answer grammar, results) and ``boundary`` (the one way in and out),
-``drawing``, ``model``, ``training``, then the applications (``labelling``, ``serve``) and the
-top (``cli``, ``widgets``, ``testing``). Each subpackage's docstring says what it holds.
+``drawing``, ``model``, ``training`` and ``masks``, then the applications (``labelling``,
+``serve``) and the top (``cli``, ``widgets``, ``testing``). Each subpackage's docstring says
+what it holds.
 
 Example:
     >>> from florence_helpers import load_model, run, plot_result

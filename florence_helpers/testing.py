@@ -243,6 +243,100 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
     return out
 
 
+_TINY_SAM_SIDE = 128
+
+
+def build_tiny_sam(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a tiny random-weight SAM 2 (``Sam2Model``, 0.5 M parameters, 128-pixel input)
+    with a ``Sam2Processor`` configuration to ``path``; the same seed gives the same files.
+
+    Its masks are noise; it exists to test the plumbing offline (box frames, mask sizes,
+    order). The sizes are those of transformers' own SAM 2 model tests.
+
+    Example:
+        >>> sam = load_sam(build_tiny_sam("/tmp/tiny-sam2"))  # doctest: +SKIP
+    """
+    from transformers import Sam2Model
+
+    side = _TINY_SAM_SIDE
+    config = _tiny_sam_config(side)
+    torch.manual_seed(seed)
+    model = Sam2Model(config).eval()
+    settings = {
+        "image_processor_type": "Sam2ImageProcessor",
+        "processor_class": "Sam2Processor",
+        "size": {"height": side, "width": side},
+        "mask_size": {"height": 256, "width": 256},
+        "do_resize": True,
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+        "do_convert_rgb": True,
+    }
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        (folder / "preprocessor_config.json").write_text(json.dumps(settings, indent=2))
+        processor = {"processor_class": "Sam2Processor", "target_size": side}
+        (folder / "processor_config.json").write_text(json.dumps(processor, indent=2))
+        (folder / "README.md").write_text(
+            "Tiny random-weight SAM 2 built by florence_helpers.testing.build_tiny_sam.\n"
+            "Its masks are noise. It exists to test code offline.\n"
+        )
+
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return write_model_folder(Path(path), write)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _tiny_sam_config(side: int) -> Any:
+    """The sizes of transformers' own SAM 2 model tests."""
+    from transformers import (
+        Sam2Config,
+        Sam2HieraDetConfig,
+        Sam2MaskDecoderConfig,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    backbone = Sam2HieraDetConfig(
+        hidden_size=12,
+        image_size=side,
+        patch_stride=4,
+        patch_kernel_size=7,
+        patch_padding=3,
+        blocks_per_stage=[1, 2, 7, 2],
+        embed_dim_per_stage=[12, 24, 48, 96],
+    )
+    return Sam2Config(
+        vision_config=Sam2VisionConfig(
+            backbone_config=backbone,
+            backbone_channel_list=[96, 48, 24, 12],
+            backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
+            fpn_hidden_size=32,
+        ),
+        prompt_encoder_config=Sam2PromptEncoderConfig(
+            image_size=side, patch_size=16, mask_input_channels=8, hidden_size=32
+        ),
+        mask_decoder_config=Sam2MaskDecoderConfig(
+            hidden_size=32,
+            hidden_act="relu",
+            mlp_dim=64,
+            num_attention_heads=4,
+            iou_head_hidden_dim=32,
+        ),
+    )
+
+
 class ForcedAnswer(LogitsProcessor):
     """A logits processor that makes ``generate()`` write given token sequences.
 

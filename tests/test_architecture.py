@@ -26,6 +26,7 @@ LAYERS = {
     "drawing": 1,
     "model": 2,
     "training": 3,
+    "masks": 3,
     "labelling": 4,
     "serve": 4,
     "cli": 5,

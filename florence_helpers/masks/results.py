@@ -1,0 +1,153 @@
+"""Masks from words: the typed result of :func:`~florence_helpers.masks.segment.segment`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..boundary.images import ImageSource, load_image
+from ..drawing.conversions import coco_categories, cutout
+from ..drawing.plotting import label_color
+from ..language.regions import xyxy_to_xywh
+from ..language.results import _Instances
+
+
+@dataclass
+class MasksResult(_Instances):
+    """One mask per instance, with the Florence-2 box and label it came from.
+
+    Select instances like a numpy array: ``result[result.mask_scores > 0.8]``, ``result[:3]``.
+
+    Attributes:
+        image_size: ``(width, height)`` of the image.
+        masks: Boolean array ``(N, height, width)``.
+        boxes: Florence-2's boxes ``(N, 4)``, ``x1, y1, x2, y2`` in pixels: SAM 2's prompts.
+        labels: ``N`` labels from Florence-2 (the phrase or class found).
+        scores: Florence-2's confidences ``(N,)`` where asked for (``scores=True``), else None.
+        mask_scores: SAM 2's own estimate of each mask's IoU with the object ``(N,)``.
+        query: What was looked for: the phrase, the class names, or the task.
+        truncated: Florence-2's answer hit ``max_new_tokens``: instances may be missing.
+    """
+
+    image_size: tuple[int, int]
+    masks: np.ndarray
+    boxes: np.ndarray
+    labels: list[str]
+    mask_scores: np.ndarray
+    scores: np.ndarray | None = None
+    query: str | None = field(default=None, kw_only=True)
+    truncated: bool = field(default=False, kw_only=True)
+    _fields = ("masks", "boxes", "labels", "mask_scores", "scores")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def areas(self) -> np.ndarray:
+        """Each mask's area in pixels ``(N,)``."""
+        return self.masks.sum(axis=(1, 2)).astype(np.int64)
+
+    def cutouts(self, image: ImageSource, *, crop: bool = True) -> list[Image.Image]:
+        """Each instance cut out of ``image``: RGBA, transparent outside its mask."""
+        picture = load_image(image)
+        return [cutout(picture, mask, crop=crop) for mask in self.masks]
+
+    def to_coco(
+        self,
+        *,
+        image_id: int = 1,
+        categories: Mapping[str, int] | None = None,
+        first_id: int = 1,
+    ) -> list[dict[str, Any]]:
+        """COCO annotations with run-length encoded masks (``segmentation`` as pycocotools
+        writes it: ``{"size": [height, width], "counts": "..."}``), the box as ``bbox``
+        ``[x, y, width, height]`` and the mask's pixel count as ``area``.
+
+        Args:
+            image_id: The COCO image id to write.
+            categories: Label to category id; labels not in it get new ids after the
+                largest one (the dict itself is not changed).
+            first_id: Annotation id of the first instance.
+
+        Example:
+            >>> json.dump(result.to_coco(image_id=7), file)  # doctest: +SKIP
+        """
+        from pycocotools import mask as coco_mask
+
+        ids = dict(categories or {})
+        annotations = []
+        for index, label in enumerate(self.labels):
+            if label not in ids:
+                ids[label] = max(ids.values(), default=0) + 1
+            rle = coco_mask.encode(np.asfortranarray(self.masks[index].astype(np.uint8)))
+            annotation: dict[str, Any] = {
+                "id": first_id + index,
+                "image_id": image_id,
+                "category_id": ids[label],
+                "bbox": xyxy_to_xywh(self.boxes[index].tolist()),
+                "area": int(coco_mask.area(rle)),
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "iscrowd": 0,
+                "mask_score": float(self.mask_scores[index]),
+            }
+            if self.scores is not None:
+                annotation["score"] = float(self.scores[index])
+            annotations.append(annotation)
+        return annotations
+
+    def to_supervision(self) -> Any:
+        """The result as ``supervision.Detections`` with ``mask``, boxes and class names.
+
+        Requires the optional ``supervision`` package.
+        """
+        try:
+            import supervision as sv
+        except ImportError:
+            raise ImportError(
+                "to_supervision needs the optional 'supervision' package: "
+                'pip install "florence-helpers[supervision]" (or pip install supervision).'
+            ) from None
+        ids = coco_categories(self.labels)
+        width, height = self.image_size
+        return sv.Detections(
+            xyxy=np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4),
+            mask=self.masks.reshape(-1, height, width),
+            class_id=np.asarray([ids[label] - 1 for label in self.labels], dtype=int),
+            confidence=None if self.scores is None else np.asarray(self.scores, np.float32),
+            data={"class_name": np.asarray(self.labels, dtype=str)},
+        )
+
+
+def plot_masks(image: ImageSource, result: MasksResult, ax: Any = None, alpha: float = 0.5) -> Any:
+    """Draw each mask over ``image`` in its label's colour, with its box and label.
+
+    Args:
+        image: The image the result belongs to.
+        result: What :func:`~florence_helpers.masks.segment.segment` returned.
+        ax: A matplotlib axes to draw on; a new figure's when None.
+        alpha: Opacity of the masks.
+
+    Returns:
+        The axes.
+    """
+    import matplotlib.pyplot as plt
+
+    picture = load_image(image)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 8 * picture.height / max(picture.width, 1)))
+    overlay = np.zeros((picture.height, picture.width, 4), dtype=np.float32)
+    for mask, label in zip(result.masks, result.labels, strict=True):
+        overlay[mask] = (*(c / 255 for c in label_color(label)), alpha)
+    ax.imshow(picture)
+    ax.imshow(overlay)
+    for box, label in zip(result.boxes, result.labels, strict=True):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        colour = tuple(c / 255 for c in label_color(label))
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.5))
+        ax.text(x1, y1, label, color="white", fontsize=9, va="bottom", backgroundcolor=colour)
+    ax.set_axis_off()
+    return ax
