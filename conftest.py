@@ -1,8 +1,9 @@
 """Test session set-up shared by the unit tests and the notebooks run by nbval.
 
-A tiny random-weight Florence-2 is built once per session. ``FLORENCE_MODEL`` points at it
-unless you set it yourself, so notebooks executed by nbval (whose kernels inherit this
-process's environment) load it instead of reaching for the hub. The fine-tuning notebooks are
+A tiny random-weight Florence-2 and a tiny SAM 2 are built once per session.
+``FLORENCE_MODEL`` and ``SAM_MODEL`` point at them unless you set them yourself, so notebooks
+executed by nbval (whose kernels inherit this process's environment) load them instead of
+reaching for the hub. The fine-tuning notebooks are
 run by tests/test_notebook_training.py instead, which inserts the tiny model's settings.
 """
 
@@ -15,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from florence_helpers.testing import build_tiny_model
+from florence_helpers.testing import build_tiny_model, build_tiny_sam
 
 _TINY_DIR: Path | None = None
+_TINY_SAM_DIR: Path | None = None
 
 # The fine-tuning notebooks show settings for a real checkpoint; tests/test_notebook_training.py
 # runs them with the tiny model's settings inserted by the harness, instead of nbval as they are.
@@ -37,12 +39,15 @@ _FIRST = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global _TINY_DIR
+    global _TINY_DIR, _TINY_SAM_DIR
     if os.environ.get("PYTEST_XDIST_WORKER"):
         _share_the_cores()
     _TINY_DIR = Path(tempfile.mkdtemp(prefix="tiny-florence2-"))
     build_tiny_model(_TINY_DIR)
     os.environ.setdefault("FLORENCE_MODEL", str(_TINY_DIR))
+    _TINY_SAM_DIR = Path(tempfile.mkdtemp(prefix="tiny-sam2-"))
+    build_tiny_sam(_TINY_SAM_DIR)
+    os.environ.setdefault("SAM_MODEL", str(_TINY_SAM_DIR))
     # Notebooks draw with matplotlib; never open a window.
     os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -136,8 +141,9 @@ def _harnessed() -> type:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if _TINY_DIR is not None:
-        shutil.rmtree(_TINY_DIR, ignore_errors=True)
+    for folder in (_TINY_DIR, _TINY_SAM_DIR):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
