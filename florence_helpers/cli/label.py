@@ -17,6 +17,7 @@ from ..language.prompts import build_prompt
 from ..language.tasks import TaskSpec
 from .common import (
     EXIT_BAD_INPUT,
+    EXIT_NO_MODEL,
     _add_classes,
     _add_generation_options,
     _add_model_options,
@@ -59,6 +60,17 @@ def _label_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     _add_generation_options(parser)
     parser.add_argument("--coco", help="also write the boxes as a COCO JSON file here")
+    parser.add_argument(
+        "--masks",
+        choices=["sam2"],
+        help="also draw a mask in every box with SAM 2, written run-length encoded (and as "
+        "the COCO segmentation with --coco)",
+    )
+    parser.add_argument(
+        "--sam",
+        help="SAM 2 hub id or local directory for --masks (default: $SAM_MODEL, else "
+        "facebook/sam2.1-hiera-tiny)",
+    )
     return parser
 
 
@@ -74,6 +86,7 @@ def label_main(argv: Sequence[str]) -> int:
     }
     spec, images = _checked_before_loading(args, settings)
     florence = _load(args)
+    sam = _load_sam(args) if args.masks else None
     summary = label(
         florence,
         images,
@@ -85,6 +98,7 @@ def label_main(argv: Sequence[str]) -> int:
         batch_size=args.batch_size,
         add=args.add,
         retry_errors=args.retry_errors,
+        sam=sam,
         **settings,
     )
     retried = f", {summary.retried} of them retried errors" if summary.retried else ""
@@ -123,13 +137,15 @@ def _checked_before_loading(
         build_prompt(spec, (10**6, 10**6), text=args.text, region=args.region)
     check_generation_settings(args.num_beams, args.max_new_tokens, args.batch_size)
     images = find_images(args.folder)
+    dtype = _checked_device(args)
+    masks = _planned_masks(args, spec)
+    sam_folder = [masks["model"]] if masks and expand_path(masks["model"]).is_dir() else []
     check_outputs(
         {"--out": args.out, "--coco": args.coco},
         images,
-        folders=_model_folders(args),
+        folders=_model_folders(args) + sam_folder,
         holds={"--coco": "COCO JSON"},
     )
-    dtype = _checked_device(args)
     # The output file is checked before the model loads: a wrong --out fails in a second.
     job = job_settings(
         resolve_model_id(args.model),
@@ -138,6 +154,7 @@ def _checked_before_loading(
         region=args.region,
         classes=args.classes,
         dtype=dtype,
+        masks=masks,
         **settings,
     )
     try:
@@ -145,3 +162,30 @@ def _checked_before_loading(
     except LabelFileError as error:
         raise _Refused(str(error), EXIT_BAD_INPUT) from None
     return spec, images
+
+
+def _planned_masks(args: argparse.Namespace, spec: TaskSpec) -> dict[str, Any] | None:
+    """The job's masks as its label file will record them, checked before anything loads."""
+    if args.masks is None:
+        if args.sam is not None:
+            raise _Refused("--sam names the SAM 2 model for --masks sam2.", EXIT_BAD_INPUT)
+        return None
+    from ..labelling.masks import check_masks_task, planned_masks_job
+    from ..masks.sam import resolve_sam_id, sam_dtype
+    from ..model.devices import resolve_device
+
+    check_masks_task(spec, args.classes)
+    return planned_masks_job(
+        resolve_sam_id(args.sam), sam_dtype("auto", resolve_device(args.device))
+    )
+
+
+def _load_sam(args: argparse.Namespace) -> Any:
+    """Load SAM 2 for --masks, or refuse with exit code 3."""
+    from ..masks.sam import load_sam
+    from ..model.loading import ModelNotAvailableError
+
+    try:
+        return load_sam(args.sam, device=args.device)
+    except ModelNotAvailableError as error:
+        raise _Refused(str(error), EXIT_NO_MODEL) from None

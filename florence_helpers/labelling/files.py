@@ -53,7 +53,7 @@ _RUN_DEFAULTS = {"num_beams": 3, "max_new_tokens": 1024, "scores": False}
 
 # Written into jobs after some label files were: a job line without them was written by an
 # older version, and is read as "no adapter" and "dtype not recorded".
-_LATER_KEYS = {"adapter": None, "dtype": None, "weights": None}
+_LATER_KEYS = {"adapter": None, "dtype": None, "weights": None, "masks": None}
 _UNRECORDED_MATCHES = ("dtype", "weights")  # not in an older job line: anything resumes it
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
@@ -107,12 +107,13 @@ def job_settings(
     classes: Sequence[str] | None = None,
     adapter: str | None = None,
     dtype: str | None = None,
+    masks: dict[str, Any] | None = None,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
     """What a labelling job is, as its label file records it: everything that changes an
     answer (model, its files' fingerprint, adapter, weights' dtype, task, text, region,
-    classes, beams, token limit, scores, other generation settings), and nothing that does not
-    (batch size, progress)."""
+    classes, beams, token limit, scores, other generation settings, the SAM 2 model drawing
+    masks), and nothing that does not (batch size, progress)."""
     spec = task_spec(task)
     settings: dict[str, Any] = {
         "model": model_key(model_id),
@@ -124,6 +125,7 @@ def job_settings(
         "text": text,
         "region": [float(v) for v in region] if region is not None else None,
         "classes": list(classes) if classes is not None else None,
+        "masks": masks,
         **_RUN_DEFAULTS,
     }
     for name, value in sorted(run_kwargs.items()):

@@ -33,6 +33,7 @@ from ..boundary.inputs import expand_path, is_url, local_path
 from ..boundary.outputs import Appender, check_outputs, resolved
 from ..language.prompts import Region, TaskInputError, build_prompt
 from ..language.tasks import Task, TaskSpec, UnknownTaskError, task_spec
+from ..masks.sam import SamModel
 from ..model.detection import check_classes, detect
 from ..model.inference import check_generation_settings, check_prompt_lengths, run
 from ..model.loading import FlorenceModel
@@ -48,6 +49,7 @@ from .files import (
     resolved_path,
     same_job,
 )
+from .masks import check_masks_task, mask_fields, masks_job
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif"}
 UNREADABLE_IMAGE_SUFFIXES = {".svg", ".svgz", ".heic", ".heif"}
@@ -132,6 +134,7 @@ def label_batch(
     region: Region | None = None,
     classes: Sequence[str] | None = None,
     loaded: Sequence[Any] | None = None,
+    sam: SamModel | None = None,
     **run_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Label one batch: one record per source, in order; unreadable images become errors.
@@ -142,7 +145,8 @@ def label_batch(
     repeats) and ``error`` None; or ``result`` None and ``error`` the reason. ``loaded``
     may hold the images already read by :func:`read_images`. ``classes`` runs
     :func:`~florence_helpers.detect` instead (the task must then be
-    ``OPEN_VOCABULARY_DETECTION``).
+    ``OPEN_VOCABULARY_DETECTION``). With ``sam``, each record also gets ``masks`` and
+    ``mask_scores`` (:mod:`florence_helpers.labelling.masks`).
     """
     spec = task_spec(task)
     infer = _inference(florence, spec, text, region, classes)
@@ -175,13 +179,21 @@ def label_batch(
             # parser): label one by one, so that only the images that fail become errors.
             results = [one(image) for image in images]
         for index, image, result in zip(good, images, results, strict=True):
-            if isinstance(result, Exception):
-                records[index] = _record(
-                    sources[index], spec, size=image.size, error=_describe(result)
-                )
-            else:
-                records[index] = _record(sources[index], spec, size=image.size, result=result)
+            records[index] = _finished(sources[index], spec, image, result, sam)
     return records  # type: ignore[return-value]
+
+
+def _finished(
+    source: str, spec: TaskSpec, image: Any, result: Any, sam: SamModel | None
+) -> dict[str, Any]:
+    """One image's record: its result (with SAM 2's masks, when asked), or its error."""
+    if isinstance(result, Exception):
+        return _record(source, spec, size=image.size, error=_describe(result))
+    try:
+        fields = mask_fields(sam, image, result) if sam is not None else {}
+    except Exception as error:  # noqa: BLE001 - recorded for this image, the job goes on
+        return _record(source, spec, size=image.size, error=f"SAM 2: {_describe(error)}")
+    return {**_record(source, spec, size=image.size, result=result), **fields}
 
 
 def _inference(
@@ -269,6 +281,7 @@ def label(
     progress: bool = True,
     add: bool = False,
     retry_errors: bool = False,
+    sam: SamModel | None = None,
     **run_kwargs: Any,
 ) -> LabelSummary:
     """Label every image of a folder (or list) into a JSONL file, resuming where it stopped.
@@ -289,6 +302,8 @@ def label(
         retry_errors: Label again the images of ``sources`` whose record is an error (a
             passing failure: out of memory, a network error); their error records are
             replaced, not repeated, and every other record is left as it was.
+        sam: A SAM 2 model (:func:`~florence_helpers.masks.load_sam`): each record's boxes
+            also get a mask, run-length encoded (:mod:`florence_helpers.labelling.masks`).
         **run_kwargs: Passed to :func:`run` (``num_beams``, ``max_new_tokens``, ``scores``).
 
     Returns:
@@ -315,16 +330,13 @@ def label(
         run_kwargs.get("num_beams", 3), run_kwargs.get("max_new_tokens", 1024), batch_size
     )
     _inference(florence, spec, text, region, classes)  # a settings mistake stops it here
+    if sam is not None:
+        check_masks_task(spec, classes)
     paths = _image_list(sources)
     out = expand_path(output)
-    model_folder = expand_path(str(florence.model_id))
-    check_outputs(
-        {"output": out},
-        [local_path(p) for p in paths if not is_url(p)],
-        folders=[model_folder] if model_folder.is_dir() else [],
-    )
+    _check_output(out, paths, [florence, sam])
     check_job_fits(florence, spec, text, region, classes, run_kwargs.get("max_new_tokens", 1024))
-    job = job_for(florence, spec, text=text, region=region, classes=classes, **run_kwargs)
+    job = job_for(florence, spec, text=text, region=region, classes=classes, sam=sam, **run_kwargs)
     check_label_file(out, job, add=add)
     Path(resolved(out)).parent.mkdir(parents=True, exist_ok=True)  # a link's target's folder
     summary = LabelSummary(written=0, errors=0, skipped=0, output=out)
@@ -346,7 +358,7 @@ def label(
         if not todo:
             return summary
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        inputs = {"text": text, "region": region, "classes": classes}
+        inputs = {"text": text, "region": region, "classes": classes, "sam": sam}
         try:
             _write_batches(
                 florence, out, job, contents, batches, spec, inputs, run_kwargs, summary, progress
@@ -354,6 +366,16 @@ def label(
         except KeyboardInterrupt:
             raise LabellingInterrupted(summary) from None
     return summary
+
+
+def _check_output(out: Path, paths: list[str], models: list[Any]) -> None:
+    """Refuse an output that is one of the images or inside a model's folder."""
+    folders = [expand_path(str(m.model_id)) for m in models if m is not None]
+    check_outputs(
+        {"output": out},
+        [local_path(p) for p in paths if not is_url(p)],
+        folders=[folder for folder in folders if folder.is_dir()],
+    )
 
 
 def _write_batches(
@@ -400,9 +422,11 @@ def job_for(
     text: str | None = None,
     region: Region | None = None,
     classes: Sequence[str] | None = None,
+    sam: SamModel | None = None,
     **run_kwargs: Any,
 ) -> dict[str, Any]:
-    """The job :func:`label` records for this model (its adapter and dtype included)."""
+    """The job :func:`label` records for this model (its adapter and dtype included), and
+    for the SAM 2 model that draws masks, if any."""
     from ..model.adapters import adapter_fingerprint
 
     return job_settings(
@@ -413,6 +437,7 @@ def job_for(
         classes=classes,
         adapter=adapter_fingerprint(florence),
         dtype=str(florence.dtype).removeprefix("torch."),
+        masks=masks_job(sam),
         **run_kwargs,
     )
 

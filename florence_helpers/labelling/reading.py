@@ -14,6 +14,7 @@ from ..boundary.inputs import InputError, expand_path, read_file
 from ..boundary.outputs import check_outputs, write_atomically
 from ..language.results import AnyResult, BoxesResult, PolygonsResult, Result
 from .files import LabelFileError, _is_header, check_record
+from .masks import masks_problem
 
 
 def read_labels(
@@ -92,6 +93,8 @@ def _numbered_records(file: Path, on_error: str) -> Iterator[tuple[int, dict[str
         if _is_header(record):
             continue
         problem = check_record(record) if isinstance(record, dict) else "not a label record"
+        if problem is None:
+            problem = masks_problem(record)
         if problem is not None:
             _bad_line(file, number, problem, on_error)
             continue
@@ -125,8 +128,10 @@ def export_coco(
     """Write the boxes (and polygons) of labelling records as one COCO dataset JSON.
 
     Images keep their path as ``file_name``; categories are the distinct labels in first-seen
-    order; scores, when the run had them, become ``score``. Error records are left out. The
-    file is written whole or not at all, and never over the label file it reads.
+    order; scores, when the run had them, become ``score``; SAM 2 masks (``label(...,
+    sam=...)``) become run-length encoded ``segmentation`` with their pixel count as ``area``.
+    Error records are left out. The file is written whole or not at all, and never over the
+    label file it reads.
 
     Raises:
         OutputError: ``output`` is the label file itself, or an existing file that is not a
@@ -177,9 +182,10 @@ def export_coco(
             continue
         for name in parsed.labels:
             categories.setdefault(name, len(categories) + 1)
-        annotations += to_coco(
+        found = to_coco(
             parsed, image_id=image_id, categories=categories, first_id=len(annotations) + 1
         )
+        annotations += _with_masks(found, record, number)
     dataset = {
         "images": images,
         "categories": [{"id": i, "name": name} for name, i in categories.items()],
@@ -187,3 +193,22 @@ def export_coco(
     }
     write_atomically(output, json.dumps(dataset, allow_nan=False).encode("utf-8"))
     return dataset
+
+
+def _with_masks(
+    annotations: list[dict[str, Any]], record: dict[str, Any], number: int
+) -> list[dict[str, Any]]:
+    """The annotations with the record's SAM 2 masks as their segmentation, if it has them."""
+    masks = record.get("masks")
+    if masks is None:
+        return annotations
+    if len(masks) != len(annotations):
+        raise LabelFileError(
+            f"Record {number}: it holds {len(masks)} masks for {len(annotations)} boxes."
+        )
+    from ..masks.results import rle_area
+
+    return [
+        {**annotation, "segmentation": mask, "area": rle_area(mask), "mask_score": score}
+        for annotation, mask, score in zip(annotations, masks, record["mask_scores"], strict=True)
+    ]

@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from ..boundary.images import ImageSource, load_image
+from ..boundary.inputs import DEFAULT_MAX_PIXELS
 from ..drawing.conversions import coco_categories, cutout
 from ..drawing.plotting import label_color
 from ..language.regions import xyxy_to_xywh
@@ -76,21 +77,19 @@ class MasksResult(_Instances):
         Example:
             >>> json.dump(result.to_coco(image_id=7), file)  # doctest: +SKIP
         """
-        from pycocotools import mask as coco_mask
-
         ids = dict(categories or {})
         annotations = []
         for index, label in enumerate(self.labels):
             if label not in ids:
                 ids[label] = max(ids.values(), default=0) + 1
-            rle = coco_mask.encode(np.asfortranarray(self.masks[index].astype(np.uint8)))
+            rle = to_rle(self.masks[index])
             annotation: dict[str, Any] = {
                 "id": first_id + index,
                 "image_id": image_id,
                 "category_id": ids[label],
                 "bbox": xyxy_to_xywh(self.boxes[index].tolist()),
-                "area": int(coco_mask.area(rle)),
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "area": rle_area(rle),
+                "segmentation": rle,
                 "iscrowd": 0,
                 "mask_score": float(self.mask_scores[index]),
             }
@@ -120,6 +119,60 @@ class MasksResult(_Instances):
             confidence=None if self.scores is None else np.asarray(self.scores, np.float32),
             data={"class_name": np.asarray(self.labels, dtype=str)},
         )
+
+
+def to_rle(mask: np.ndarray) -> dict[str, Any]:
+    """A boolean ``(height, width)`` mask run-length encoded as COCO writes it in JSON:
+    ``{"size": [height, width], "counts": "..."}`` (pycocotools' compressed counts as text).
+
+    Example:
+        >>> to_rle(np.ones((2, 3), dtype=bool))
+        {'size': [2, 3], 'counts': '06'}
+    """
+    from pycocotools import mask as coco_mask
+
+    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def from_rle(rle: Mapping[str, Any]) -> np.ndarray:
+    """The boolean ``(height, width)`` mask of a COCO run-length encoding (from
+    :func:`to_rle`, or a COCO file).
+
+    Raises:
+        ValueError: Not a run-length encoding of its size, or a size past
+            :data:`~florence_helpers.boundary.inputs.DEFAULT_MAX_PIXELS`.
+    """
+    from pycocotools import mask as coco_mask
+
+    encoded = _encoded(rle)
+    height, width = encoded["size"]
+    if height * width > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"A mask of {width}x{height} pixels is larger than any image decoded.")
+    return coco_mask.decode(encoded).astype(bool)
+
+
+def rle_area(rle: Mapping[str, Any]) -> int:
+    """The pixels inside a COCO run-length encoded mask, without decoding it."""
+    from pycocotools import mask as coco_mask
+
+    return int(coco_mask.area(_encoded(rle)))
+
+
+def _encoded(rle: Mapping[str, Any]) -> dict[str, Any]:
+    """``rle`` as pycocotools takes it, its fields checked for type."""
+    size, counts = rle.get("size"), rle.get("counts")
+    if (
+        not isinstance(size, list | tuple)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
+        or not isinstance(counts, str | bytes)
+    ):
+        raise ValueError('A mask must be {"size": [height, width], "counts": "..."}.')
+    return {
+        "size": list(size),
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
 
 
 def plot_masks(image: ImageSource, result: MasksResult, ax: Any = None, alpha: float = 0.5) -> Any:

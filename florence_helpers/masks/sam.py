@@ -104,9 +104,9 @@ def load_sam(
     """
     from transformers import Sam2Model
 
-    name = os.fspath(model_id) if model_id else os.environ.get(SAM_ENV_VAR) or DEFAULT_SAM_ID
+    name = resolve_sam_id(model_id)
     target = resolve_device(device)
-    chosen = _sam_dtype(dtype, target)
+    chosen = sam_dtype(dtype, target)
     local_only = _local_only(name)
     try:
         model, loading = Sam2Model.from_pretrained(
@@ -126,6 +126,11 @@ def load_sam(
     return SamModel(model=model, processor=processor, model_id=name)
 
 
+def resolve_sam_id(model_id: str | os.PathLike | None = None) -> str:
+    """The argument if given, else ``$SAM_MODEL``, else :data:`DEFAULT_SAM_ID`."""
+    return os.fspath(model_id) if model_id else os.environ.get(SAM_ENV_VAR) or DEFAULT_SAM_ID
+
+
 def torchvision_works() -> bool:
     """Whether torchvision imports and its operators load (``Sam2Processor`` needs both)."""
     try:
@@ -136,7 +141,8 @@ def torchvision_works() -> bool:
     return True
 
 
-def _sam_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+def sam_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype :func:`load_sam` loads SAM 2 in on ``device`` for a ``dtype`` argument."""
     if dtype != "auto":
         return resolve_dtype(dtype, device)
     if device.type == "cuda" and cuda_half_dtype() == torch.bfloat16:
