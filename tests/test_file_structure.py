@@ -98,6 +98,65 @@ def test_a_gif_of_thousands_of_comment_blocks_before_its_picture_is_refused(tmp_
     _refused(hostile, "GIF extension blocks", tmp_path)
 
 
+def _jpeg_with(after_start: bytes) -> bytes:
+    jpeg = _encoded(Image.new("RGB", (2, 2), (1, 2, 3)), "JPEG")
+    return jpeg[:2] + after_start + jpeg[2:]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        _jpeg_with(b"\xff\xe5\x00\x02" * MANY),  # empty APP5 segments
+        _jpeg_with(b"\xff" * MANY),  # fill bytes
+        _jpeg_with(b"\xff\xe0\x00\x02" + b"\x00" * MANY),  # stray bytes Pillow skips
+    ],
+    ids=["APP-segments", "fill-bytes", "stray-bytes"],
+)
+def test_a_jpeg_of_thousands_of_markers_before_its_pixels_is_refused(hostile, tmp_path):
+    # 5 million empty APP5 segments (20 MB) took Pillow 8.8 s and 750 MB (twelfth review).
+    assert Image.open(io.BytesIO(hostile)).size == (2, 2)
+    _refused(hostile, "JPEG markers, fill or stray bytes", tmp_path)
+
+
+@pytest.mark.parametrize("padding", [b" " * 70_000, b"# " + b"x" * 70_000 + b"\n"])
+def test_a_pnm_header_of_endless_whitespace_or_comment_is_refused(padding, tmp_path):
+    # 20 MB of whitespace before the width took Pillow 6.8 s, a byte at a time.
+    hostile = b"P6\n" + padding + b"2 2\n255\n" + bytes(12)
+    assert Image.open(io.BytesIO(hostile)).size == (2, 2)
+    _refused(hostile, "PNM header longer than 64 kB", tmp_path)
+
+
+def test_a_frame_control_chunk_in_a_still_png_does_not_stop_the_walk(tmp_path):
+    # Pillow reads on past an fcTL when no acTL announced frames: so must the check.
+    frame = _chunk(b"fcTL", struct.pack(">IIIIIHHBB", 0, 2, 2, 0, 0, 1, 1, 0, 0))
+    hostile = _png_with(after_pixels=frame + _chunk(b"tEXt", b"a\0b") * MANY)
+    _refused(hostile, "PNG chunks of metadata", tmp_path)
+
+
+def test_a_gif_with_a_stray_byte_before_its_comment_blocks_is_refused(tmp_path):
+    gif = _encoded(Image.new("P", (2, 2)), "GIF")
+    picture = gif.index(b",")
+    hostile = gif[:picture] + b"\x00" + b"!\xfe" + b"\x01a" * MANY + b"\0" + gif[picture:]
+    assert Image.open(io.BytesIO(hostile)).size == (2, 2)
+    _refused(hostile, "GIF extension blocks or stray bytes", tmp_path)
+
+
+def test_ordinary_jpegs_and_pnms_still_load(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    for photo in sorted((repo / "images").glob("*.jpg")):
+        assert load_image(photo).size == Image.open(photo).size
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture = Image.new("RGB", (30, 20), (200, 10, 10))
+    for options in ({"exif": exif}, {"progressive": True}, {"icc_profile": b"\0" * 5000}):
+        assert load_image(_encoded(picture, "JPEG", **options)).size in ((30, 20), (20, 30))
+    commented = b"P6\n# made by hand\n# twice\n3 1\n255\n" + bytes(9)
+    assert load_image(commented).size == (3, 1)
+    assert load_image(_encoded(picture, "PPM")).size == (30, 20)
+
+
 def _apng(frames: int) -> bytes:
     """A 2x2 animated PNG of ``frames`` frames (its later frames copied chunk by chunk)."""
     colours = [Image.new("RGB", (2, 2), (c, 0, 0)) for c in (0, 100)]
@@ -131,6 +190,8 @@ SAMPLES = {
     "gif": _encoded(Image.new("P", (2, 2)), "GIF", comment=b"x"),
     "webp": _encoded(Image.new("RGB", (2, 2)), "WEBP", exif=_exif_with_a_huge_tag(2)),
     "tiff": _encoded(Image.new("RGB", (2, 2)), "TIFF"),
+    "jpeg": _encoded(Image.new("RGB", (2, 2)), "JPEG", exif=Image.Exif().tobytes()),
+    "ppm": b"P6\n# comment\n2 2\n255\n" + bytes(12),
 }
 
 
