@@ -174,3 +174,32 @@ def test_to_coco_writes_a_reversed_box_with_a_positive_width():
     (annotation,) = to_coco(reversed_box)
     assert annotation["bbox"] == [10.0, 20.0, 20.0, 40.0]
     assert annotation["area"] == 800.0
+
+
+def test_a_mask_is_drawn_a_strip_at_a_time_with_the_same_pixels(monkeypatch):
+    # One polygon over a 40-megapixel image took 1.8 GB (45 bytes a pixel of its box) in
+    # one pass (twelfth hostile review).
+    import tracemalloc
+
+    import florence_helpers.drawing.conversions as conversions
+
+    rng = np.random.default_rng(5)
+    star = rng.uniform(0, 300, size=(12, 2))
+    whole = polygons_to_mask([star], (300, 300))
+    monkeypatch.setattr(conversions, "_CENTRES_AT_ONCE", 1000)  # strips of 3 rows
+    assert np.array_equal(polygons_to_mask([star], (300, 300)), whole)
+    monkeypatch.undo()
+    cover = np.array([[0, 0], [4000, 0], [4000, 2500], [0, 2500]])
+    tracemalloc.start()
+    try:
+        mask = polygons_to_mask([cover], (4000, 2500))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert mask.all() and peak < 120e6  # one pass: about 450 MB
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, -1), (100_000, 100_000)])
+def test_a_mask_of_no_pixels_or_more_than_any_image_is_refused(size):
+    with pytest.raises(ValueError, match="at least 1x1 and at most"):
+        polygons_to_mask([np.array([[0, 0], [5, 0], [5, 5]])], size)

@@ -804,3 +804,34 @@ def test_a_question_longer_than_the_model_reads_is_one_bad_row(folder):
     with pytest.warns(UserWarning):
         kept = read_qa(rows, on_error="skip")
     assert len(kept) == 1 and "more than the model reads" in str(kept.problems[0])
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "problem"),
+    [
+        (1_000_000, 1_000_000, "its width and height are larger than any image labelled"),
+        (0, 10, "its width is not a number of pixels"),
+        (-5, 10, "its width is not a number of pixels"),
+    ],
+)
+def test_a_label_record_of_impossible_size_is_named(tmp_path, width, height, problem):
+    # width 1e6 x 1e6 passed, then to_mask asked numpy for 931 GiB (twelfth hostile review).
+    from florence_helpers.labelling import LabelFileError, read_labels
+
+    record = {
+        "image": "a.png", "task": "<REFERRING_EXPRESSION_SEGMENTATION>", "width": width,
+        "height": height, "error": None,
+        "result": {"polygons": [[[[0, 0], [5, 0], [5, 5]]]], "labels": [""]},
+    }  # fmt: skip
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(LabelFileError, match=f"line 1: {problem}"):
+        read_labels(path, as_results=True)
+
+
+@pytest.mark.parametrize("size", [[0, 5], ["64", 48], [64], [True, 2], "ab"])
+def test_a_result_read_back_needs_a_size_in_whole_pixels(size):
+    from florence_helpers import Result
+
+    with pytest.raises(ValueError, match="image_size must be"):
+        Result.from_dict({"task": "<OD>", "image_size": size, "boxes": [], "labels": []})

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..boundary.inputs import (
+    DEFAULT_MAX_PIXELS,
     InputError,
     expand_path,
     is_url,
@@ -350,6 +351,10 @@ def check_record(entry: dict[str, Any]) -> str | None:
         value = entry.get(side)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             return f"its {side} is not a whole number"
+        if value is not None and value < 1:
+            return f"its {side} is not a number of pixels"
+    if (entry.get("width") or 1) * (entry.get("height") or 1) > DEFAULT_MAX_PIXELS:
+        return "its width and height are larger than any image labelled"
     if not isinstance(entry.get("result"), dict | str | None):
         return "its result is not an object"
     return None

@@ -88,7 +88,7 @@ class Result:
             )
         return kind(
             _task_of(task if task is not None else data["task"]),
-            tuple(image_size if image_size is not None else data["image_size"]),
+            _image_size(image_size if image_size is not None else data["image_size"]),
             raw=data.get("raw", ""),
             truncated=bool(data.get("truncated", False)),
             query=data.get("query"),
@@ -269,6 +269,17 @@ class OCRResult(_Instances, Result):
             "texts": _strings(data, "texts", len(quads)),
             "scores": _read_scores(data, len(quads)),
         }
+
+
+def _image_size(value: Any) -> tuple[int, int]:
+    """``(width, height)`` read back: two whole numbers of pixels, at least 1 each."""
+    if (
+        not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise ValueError(f"image_size must be [width, height] in whole pixels, got {value!r}.")
+    return int(value[0]), int(value[1])
 
 
 def _scores(result: Any) -> dict[str, Any]:
