@@ -10,6 +10,7 @@ and the regions come back in reading order.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -280,24 +281,52 @@ def _shifted(result: OCRResult, index: int, tile: Tile, page_size: tuple[int, in
 
 def _without_duplicates(found: list[_Region], cell: int) -> list[_Region]:
     """The regions that no other repeats: whole ones first, larger first, each kept unless a
-    region kept before repeats it.
+    region kept before repeats it (:func:`_duplicate`).
 
-    Only regions whose boxes overlap can repeat each other, so each region is compared with
-    the kept ones in the grid cells (``cell`` pixels square) its box touches, not with all:
-    a page of 10,000 regions is not 50 million comparisons.
+    Only regions whose boxes overlap can repeat each other, and never two of one tile. A grid
+    of cells (``cell`` pixels square) records which tiles kept a region touching each cell;
+    a region is checked against the kept regions of those tiles only, all of a tile's at once
+    with numpy: a page of 10,000 regions is not 50 million comparisons, and large regions do
+    not multiply the work by the cells they cover.
     """
-    grid: dict[tuple[int, int], list[_Region]] = {}
+    grid: dict[tuple[int, int], set[int]] = {}
+    kept_by_tile: dict[int, _KeptRegions] = {}
     kept: list[_Region] = []
     for region in sorted(found, key=lambda r: (r.cut, -r.area)):
         x1, y1, x2, y2 = (int(v // cell) for v in region.box)
         cells = [(x, y) for x in range(x1, x2 + 1) for y in range(y1, y2 + 1)]
-        nearby = {id(k): k for c in cells for k in grid.get(c, ())}
-        if any(_duplicate(region, k) for k in nearby.values()):
+        tiles = {tile for c in cells for tile in grid.get(c, ())} - {region.tile}
+        if any(kept_by_tile[tile].repeat(region) for tile in tiles):
             continue
         kept.append(region)
+        kept_by_tile.setdefault(region.tile, _KeptRegions()).add(region)
         for c in cells:
-            grid.setdefault(c, []).append(region)
+            grid.setdefault(c, set()).add(region.tile)
     return kept
+
+
+class _KeptRegions:
+    """One tile's kept regions as arrays, to test a region against all of them at once."""
+
+    def __init__(self) -> None:
+        self.boxes = np.zeros((0, 4))
+        self.cut = np.zeros(0, dtype=bool)
+        self.areas = np.zeros(0)
+
+    def add(self, region: _Region) -> None:
+        self.boxes = np.vstack([self.boxes, region.box])
+        self.cut = np.append(self.cut, region.cut)
+        self.areas = np.append(self.areas, region.area)
+
+    def repeat(self, region: _Region) -> bool:
+        """Whether one of these repeats ``region``: :func:`_duplicate`, for all at once."""
+        x1, y1, x2, y2 = region.box
+        width = np.minimum(x2, self.boxes[:, 2]) - np.maximum(x1, self.boxes[:, 0])
+        height = np.minimum(y2, self.boxes[:, 3]) - np.maximum(y1, self.boxes[:, 1])
+        smaller = np.minimum(region.area, self.areas)
+        overlap = np.maximum(width, 0) * np.maximum(height, 0)
+        covered = (smaller > 0) & (overlap >= 0.5 * smaller)
+        return bool(np.any(covered & ~(self.cut & region.cut)))
 
 
 def _duplicate(region: _Region, other: _Region) -> bool:
@@ -327,19 +356,38 @@ def _stitch_lines(regions: list[_Region]) -> list[_Region]:
     words of the right one, the line is joined there (again, for a line across three tiles).
     Pieces whose words do not meet stay as they are: nothing is dropped on a guess.
     """
-    out = list(regions)
-    joined_some = True
-    while joined_some:  # only pieces cut at a border are compared: linear in the others
-        joined_some = False
-        continuations = [r for r in out if r.cut_left]
-        for left in [r for r in out if r.cut_right]:
-            right = next((r for r in continuations if _continues(left, r)), None)
-            if right is not None:
-                out[out.index(left)] = _joined(left, right)
-                out.remove(right)
-                joined_some = True
-                break
+    out, joined = list(regions), True
+    while joined:  # a pass joins every chain in reading order; another finds none left
+        out, joined = _stitch_pass(out)
     return out
+
+
+def _stitch_pass(regions: list[_Region]) -> tuple[list[_Region], bool]:
+    """One pass of :func:`_stitch_lines`: each piece cut on the right, in order, joined with
+    the first piece (in order) that continues it, until none does.
+
+    A continuation starts inside the left piece, so only pieces cut on the left whose left
+    edge lies between the left piece's edges are tried (found by bisection): the work grows
+    with the pieces that could continue a line, not with the page.
+    """
+    out = list(regions)
+    starts = sorted((i for i, r in enumerate(out) if r.cut_left), key=lambda i: out[i].box[0])
+    edges = [out[i].box[0] for i in starts]  # a joined piece keeps its left piece's edge
+    gone: set[int] = set()
+    for i in range(len(out)):
+        left = out[i]
+        while i not in gone and left.cut_right:
+            low = bisect.bisect_right(edges, left.box[0])
+            high = bisect.bisect_left(edges, left.box[2])
+            matches = [
+                j for j in starts[low:high] if j != i and j not in gone and _continues(left, out[j])
+            ]
+            if not matches:
+                break
+            left = _joined(left, out[min(matches)])
+            gone.add(min(matches))
+        out[i] = left
+    return [region for k, region in enumerate(out) if k not in gone], bool(gone)
 
 
 def _continues(left: _Region, right: _Region) -> bool:
