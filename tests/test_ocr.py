@@ -1,4 +1,6 @@
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from florence_helpers import OCRResult, Task, reading_order, to_lines
 
@@ -35,3 +37,34 @@ def test_empty_result():
     empty = OCRResult(Task.OCR_WITH_REGION, (10, 10), raw="")
     assert to_lines(empty) == []
     assert len(reading_order(empty)) == 0
+
+
+def _lines_one_pair_at_a_time(tops, bottoms):
+    """The line grouping as defined: each region, by centre, joins the first line it
+    overlaps by half the shorter height (the loop that was quadratic in Python)."""
+    lines, spans = [], []
+    for index in np.argsort((tops + bottoms) / 2, kind="stable"):
+        top, bottom = tops[index], bottoms[index]
+        for k, (line_top, line_bottom) in enumerate(spans):
+            overlap = min(bottom, line_bottom) - max(top, line_top)
+            if overlap >= 0.5 * max(min(bottom - top, line_bottom - line_top), 1e-6):
+                lines[k].append(int(index))
+                spans[k] = (min(top, line_top), max(bottom, line_bottom))
+                break
+        else:
+            lines.append([int(index)])
+            spans.append((top, bottom))
+    return sorted(sorted(line) for line in lines)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(1, 15)), min_size=1, max_size=40))
+def test_lines_are_grouped_as_defined(spans):
+    quads = np.array(
+        [[[0, t], [10, t], [10, t + h], [0, t + h]] for t, h in spans], dtype=np.float32
+    )
+    result = OCRResult("OCR_WITH_REGION", (100, 100), raw="", quads=quads, texts=["w"] * len(spans))
+    from florence_helpers.language.ocr import _line_groups
+
+    ours = sorted(sorted(line) for line in _line_groups(result))
+    assert ours == _lines_one_pair_at_a_time(quads[:, :, 1].min(axis=1), quads[:, :, 1].max(axis=1))
