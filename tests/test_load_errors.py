@@ -478,6 +478,27 @@ def test_a_huge_rank_with_no_usable_lora_a_is_refused_before_anything_is_allocat
         load_adapter(florence, adapter_copy)
 
 
+def test_a_pickled_adapter_of_repeated_views_is_refused_before_peft_allocates(
+    load_tiny, adapter_copy, monkeypatch
+):
+    # A 2 kB adapter_model.bin held torch.zeros(1).expand(10**8, 8) as lora_A: the rank check
+    # read rank 10**8 from its shape and peft allocated gigabytes (twelfth hostile review).
+    import peft
+
+    weights = adapter_copy / "adapter_model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if "lora_A" in k)
+    state[name] = torch.zeros(1).expand(10**8, state[name].shape[1])
+    torch.save(state, adapter_copy / "adapter_model.bin")
+    weights.unlink()
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, "r": 10**8}))
+    florence = load_tiny()
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=r"claims the shape \(100000000, \d+\) over 4 bytes"):
+        load_adapter(florence, adapter_copy)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_1000000000"])
 def test_loading_never_runs_an_initialisation_that_rewrites_the_base_weights(
     load_tiny, adapter_copy, saved_adapter, init

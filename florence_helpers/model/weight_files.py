@@ -137,6 +137,15 @@ def read_weight_file(file: Path) -> dict[str, torch.Tensor]:
             f"{file} holds a {type(state).__name__}, not a mapping of weight names to tensors: "
             "it is not a weight file."
         )
+    for name, tensor in state.items():
+        # A pickle can hold a view that repeats a few numbers over a huge shape (stride 0):
+        # 2 kB claiming a rank of 100 million, which peft then allocates for real.
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"{file}: its tensor {name} claims the shape {tuple(tensor.shape)} over "
+                f"{tensor.untyped_storage().nbytes():,} bytes of data (a repeated view, which "
+                "no saved model holds): it is not a weight file this package reads."
+            )
     return state
 
 
