@@ -151,3 +151,21 @@ def test_what_an_output_holds_is_judged_from_a_bounded_read(tmp_path, kind):
         make(tmp_path / "export.json")
         with pytest.raises(OutputError):
             outputs.check_replaceable(tmp_path / "export.json", holds="COCO JSON")
+
+
+def test_sample_data_written_again_replaces_a_planted_link_not_its_target(tmp_path):
+    # A link planted in a sample folder led the re-run to overwrite the user's photo
+    # elsewhere (twelfth hostile review).
+    from florence_helpers.training.sample_data import make_shapes_dataset
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "photo.jpg").write_text("precious")
+    folder = tmp_path / "shapes"
+    make_shapes_dataset(folder, num_images=2, image_size=(64, 64), seed=1)
+    planted = folder / "shapes_001.jpg"
+    planted.unlink()
+    planted.symlink_to("../mine/photo.jpg")
+    make_shapes_dataset(folder, num_images=2, image_size=(64, 64), seed=1)
+    assert (mine / "photo.jpg").read_text() == "precious"
+    assert not planted.is_symlink() and planted.stat().st_size > 0

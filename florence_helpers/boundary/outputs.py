@@ -264,7 +264,9 @@ def _holds_model(folder: Path) -> bool:
     return isinstance(config, dict) and config.get("model_type") == "florence2"
 
 
-def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]) -> Path:
+def write_atomically(
+    path: PathLike, content: bytes | Callable[[IO[bytes]], Any], *, follow_links: bool = True
+) -> Path:
     """Write a whole file so that it is either entirely the new one or still the old one.
 
     Args:
@@ -273,6 +275,9 @@ def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]
             set it, its owner and group; a new file gets the usual permissions (0666 less the
             umask).
         content: The bytes, or a function that writes them to an open binary file.
+        follow_links: False replaces a symbolic link at ``path`` itself with the new file,
+            never touching what it points to: for files of a folder this package writes
+            whole, where a link planted inside must not lead a write outside.
 
     Returns:
         The path written (the link's target for a link).
@@ -281,16 +286,22 @@ def write_atomically(path: PathLike, content: bytes | Callable[[IO[bytes]], Any]
         OSError: Writing failed (no space, no permission); the old file is untouched and no
             temporary file is left behind.
     """
-    target = Path(resolved(path))
+    if follow_links:
+        target = Path(resolved(path))
+    else:  # the folders on the way are followed, the file's own name is not
+        target = Path(resolved(expand_path(path).parent)) / expand_path(path).name
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        before: os.stat_result | None = target.stat()
+        before: os.stat_result | None = target.stat() if follow_links else target.lstat()
     except FileNotFoundError:
         before = None
-    if before is not None and not stat.S_ISREG(before.st_mode):
+    if before is not None and stat.S_ISLNK(before.st_mode):
+        before = None  # the link itself is replaced
+    elif before is not None and not stat.S_ISREG(before.st_mode):
         raise OutputError(f"{os.fspath(path)} is not a regular file: give a file name.")
-    check_replaceable(target)
+    else:
+        check_replaceable(target)
     temporary = folder / f".{target.name}.{secrets.token_hex(4)}.tmp"
     # O_EXCL: never write through a file someone else placed there; 0o666: the umask applies.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)

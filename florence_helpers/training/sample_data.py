@@ -99,7 +99,7 @@ def make_shapes_dataset(
         "categories": categories,
         "annotations": annotations,
     }
-    write_atomically(path, json.dumps(dataset, indent=1).encode())
+    write_atomically(path, json.dumps(dataset, indent=1).encode(), follow_links=False)
     return path
 
 
@@ -154,8 +154,11 @@ def _is_our_receipts(path: Path) -> bool:
 
 
 def _save(image: Image.Image, path: Path, kind: str, **options: int) -> None:
-    """Save through the one way out: whole or not at all, never into another hard link."""
-    write_atomically(path, lambda handle: image.save(handle, format=kind, **options))
+    """Save through the one way out: whole or not at all, never into another hard link, and
+    never through a symbolic link someone planted in the folder."""
+    write_atomically(
+        path, lambda handle: image.save(handle, format=kind, **options), follow_links=False
+    )
 
 
 def _background(
@@ -305,5 +308,5 @@ def make_receipts(
         for question, answer in zip(QUESTIONS, (total, shop, date), strict=True):
             lines.append(json.dumps({"image": name, "question": question, "answer": answer}))
     path = out / "qa.jsonl"
-    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomically(path, ("\n".join(lines) + "\n").encode("utf-8"), follow_links=False)
     return path
