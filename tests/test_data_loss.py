@@ -456,7 +456,13 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
     load_tiny, tiny_model_dir, tmp_path, monkeypatch
 ):
     from florence_helpers.boundary.outputs import OutputError
-    from florence_helpers.model.adapters import add_lora, merge_adapter, save_adapter, save_model
+    from florence_helpers.model.adapters import (
+        add_lora,
+        load_adapter,
+        merge_adapter,
+        save_adapter,
+        save_model,
+    )
 
     lora = add_lora(load_tiny(), rank=2, seed=0)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.iterdir())
@@ -479,6 +485,13 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
     (first / "notes.txt").write_text("kept with the adapter")
     again = save_adapter(lora, tmp_path / "adapter")  # an earlier save is replaced whole
     assert again == first and not (again / "notes.txt").exists()
+    assert (again / "adapter_config.json").is_file()
+    # The folder an adapter was loaded from is an input too: a merged model saved over it
+    # deleted the adapter (twelfth hostile review).
+    loaded = load_adapter(load_tiny(), again)
+    for save, model in ((save_adapter, loaded), (save_model, merge_adapter(loaded))):
+        with pytest.raises(OutputError, match="holds the input"):
+            save(model, again)
     assert (again / "adapter_config.json").is_file()
 
 

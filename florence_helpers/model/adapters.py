@@ -166,7 +166,8 @@ def load_adapter(
     except AdapterError:
         _remove_lora_layers(florence.model, had_config)
         raise
-    return dataclasses.replace(florence, model=model.eval())
+    folders = (*florence.adapter_folders, str(folder))
+    return dataclasses.replace(florence, model=model.eval(), adapter_folders=folders)
 
 
 def _names_peft_matches(model: Any) -> list[str]:
@@ -327,9 +328,10 @@ def _saver(florence: FlorenceModel) -> Callable[[Path], None]:
 
 
 def _model_folder(florence: FlorenceModel) -> list[Path]:
-    """The local folder the model was loaded from, which a save must never replace."""
-    folder = expand_path(str(florence.model_id))
-    return [folder] if folder.is_dir() else []
+    """The local folders the model and its adapters were loaded from: a save must never
+    replace them (a merged model saved over the adapter it came from deleted the adapter)."""
+    folders = [expand_path(str(name)) for name in (florence.model_id, *florence.adapter_folders)]
+    return [folder for folder in folders if folder.is_dir()]
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

@@ -53,12 +53,15 @@ class FlorenceModel:
             (:func:`~florence_helpers.model.adapters.merge_adapter`), that adapter's fingerprint
             (:func:`~florence_helpers.model.adapters.adapter_fingerprint`), so the merged weights
             are never taken for ``model_id``'s own; None otherwise.
+        adapter_folders: The folders of the adapters loaded on it (or merged into it), which
+            a save never replaces.
     """
 
     model: Any
     processor: Any
     model_id: str
     merged_adapter: str | None = None
+    adapter_folders: tuple[str, ...] = ()
 
     @property
     def device(self) -> torch.device:
