@@ -471,7 +471,8 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
     (thesis / "tokenizer.json").write_text("my own tokenizer")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")
-    for save, model in ((save_adapter, lora), (save_model, merge_adapter(lora))):
+    merged = merge_adapter(add_lora(load_tiny(), rank=2, seed=0))
+    for save, model in ((save_adapter, lora), (save_model, merged)):
         for folder, message in (
             (tiny_model_dir, "holds the input"),  # the model's own folder
             (thesis, "holds files that are not"),
@@ -481,6 +482,10 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
                 save(model, folder)
     assert sorted((p.name, p.stat().st_mtime_ns) for p in tiny_model_dir.iterdir()) == before
     assert (thesis / "tokenizer.json").read_text() == "my own tokenizer"
+    folded = add_lora(load_tiny(), rank=2, seed=0)
+    merge_adapter(folded)  # in place: its LoRA layers are gone
+    with pytest.raises(TypeError, match="merge_adapter folds them"):
+        save_adapter(folded, tmp_path / "adapter")  # it wrote an adapter of no LoRA matrices
     first = save_adapter(lora, tmp_path / "adapter")
     (first / "notes.txt").write_text("kept with the adapter")
     again = save_adapter(lora, tmp_path / "adapter")  # an earlier save is replaced whole
@@ -488,11 +493,13 @@ def test_saving_a_model_or_adapter_never_replaces_what_it_did_not_write(
     assert (again / "adapter_config.json").is_file()
     # The folder an adapter was loaded from is an input too: a merged model saved over it
     # deleted the adapter (twelfth hostile review).
-    loaded = load_adapter(load_tiny(), again)
-    for save, model in ((save_adapter, loaded), (save_model, merge_adapter(loaded))):
+    own = save_adapter(add_lora(load_tiny(), rank=2, seed=1), tmp_path / "own")
+    loaded = load_adapter(load_tiny(), own)
+    merged = merge_adapter(load_adapter(load_tiny(), own))
+    for save, model in ((save_adapter, loaded), (save_model, merged)):
         with pytest.raises(OutputError, match="holds the input"):
-            save(model, again)
-    assert (again / "adapter_config.json").is_file()
+            save(model, own)
+    assert (own / "adapter_config.json").is_file()
 
 
 def test_a_path_starting_with_a_tilde_is_the_home_folder_everywhere(

@@ -93,15 +93,24 @@ def add_lora(
 def save_adapter(florence: FlorenceModel, path: str | Path) -> Path:
     """Write the LoRA adapter (a few MB) and the processor to the folder ``path``.
 
+    Save before :func:`merge_adapter`, which folds the LoRA layers into the weights in place.
+
     The folder is written whole: created, or replaced if it holds an earlier adapter or model
     (never a folder with other files, nor the model's own folder).
 
     Raises:
-        TypeError: The model has no adapter.
+        TypeError: The model has no adapter, or it was merged.
         OutputError: ``path`` may not be written or replaced.
     """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if not is_peft(florence.model):
         raise TypeError("This model has no LoRA adapter: save it with save_model instead.")
+    if not any(isinstance(m, BaseTunerLayer) for m in florence.model.modules()):
+        raise TypeError(
+            "This model's LoRA layers are gone: merge_adapter folds them into the weights in "
+            "place. Save the adapter before merging, or save the merged model with save_model."
+        )
     return write_model_folder(path, _saver(florence), inputs=_model_folder(florence))
 
 
