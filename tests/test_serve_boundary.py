@@ -532,6 +532,33 @@ def test_a_connection_that_sends_no_headers_is_closed(florence):
         server.stop()
 
 
+def test_slow_bodies_hold_no_place_in_the_queue_and_a_long_pause_ends_one(florence, calls):
+    # 64 clients sending their bodies at a byte a second refused every other request for as
+    # long as they kept at it (twelfth hostile review).
+    settings = ServeSettings(max_queue=2, header_timeout_s=2)
+    server = start_server(florence, settings=settings)
+    host, port = server.url.removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(4):
+            connection = socket.create_connection((host, int(port)))
+            connection.sendall(
+                b"POST /v1/run HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+            )
+            slow.append(connection)
+        time.sleep(0.5)
+        assert upload(server.url, max_new_tokens="2").status_code == 200
+        slow[0].settimeout(10)
+        started = time.monotonic()
+        assert b" 408 " in slow[0].recv(200)  # a pause longer than header_timeout_s
+        assert time.monotonic() - started < 5
+    finally:
+        for connection in slow:
+            connection.close()
+        server.stop()
+
+
 def test_a_body_sent_to_another_path_is_not_read(florence, calls):
     with running_server(florence) as url:
         host, port = url.removeprefix("http://").split(":")

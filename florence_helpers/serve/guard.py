@@ -19,12 +19,17 @@ def _error(field: str, message: str, status: int, **headers: str) -> Any:
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
+_BODY_BUDGET_BODIES = 8
+"""Bodies still arriving may hold this many largest bodies' bytes together; past it, 503."""
+
+
 class _Guard:
     """ASGI middleware deciding, before any work, who may ask and what a request may cost."""
 
     def __init__(self, app: Any, settings: ServeSettings, names: tuple[str, ...] | None) -> None:
         self.app, self.settings, self.names = app, settings, names
-        self.in_flight = 0
+        self.in_flight = 0  # admitted: the body has arrived (or none is read)
+        self.buffered = 0  # bytes of bodies still arriving, all together
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -38,28 +43,31 @@ class _Guard:
             await refusal(scope, receive, send)
             return
         admitted = scope["path"] == "/v1/run"
-        if admitted:
-            if self.in_flight >= self.settings.max_queue:
-                busy = f"{self.in_flight} requests are in progress. Try again shortly."
-                await _error("", f"The server is busy: {busy}", 503, **{"Retry-After": "1"})(
-                    scope, receive, send
-                )
+        if admitted and self.in_flight >= self.settings.max_queue:  # shed before reading
+            await self._busy()(scope, receive, send)
+            return
+        # Only the run endpoint reads a body; every other path answers without reading one
+        # (uvicorn stops reading a socket whose data nobody takes). A body still arriving
+        # holds no place in the queue: slow clients cannot fill it (64 bodies at a byte a
+        # second refused every request), only the bytes they sent count, in their own budget.
+        if admitted and scope["method"] == "POST":
+            body = await self._body(headers, receive)
+            if not isinstance(body, bytes):
+                await body(scope, receive, send)
                 return
-            self.in_flight += 1
+            receive = _replay(body, receive)
+        if admitted and self.in_flight >= self.settings.max_queue:
+            await self._busy()(scope, receive, send)
+            return
+        self.in_flight += int(admitted)
         try:
-            # Only the run endpoint reads a body; every other path answers without reading
-            # one (uvicorn stops reading a socket whose data nobody takes), so no body is
-            # buffered but one admitted here.
-            if admitted and scope["method"] == "POST":
-                body = await self._body(headers, receive)
-                if not isinstance(body, bytes):
-                    await body(scope, receive, send)
-                    return
-                receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
-            if admitted:
-                self.in_flight -= 1
+            self.in_flight -= int(admitted)
+
+    def _busy(self) -> Any:
+        busy = f"{self.in_flight} requests are in progress. Try again shortly."
+        return _error("", f"The server is busy: {busy}", 503, **{"Retry-After": "1"})
 
     def _refusal(self, scope: Any, headers: Any) -> Any:
         host = _host_name(headers.get("host", ""))
@@ -86,7 +94,9 @@ class _Guard:
         return None
 
     async def _body(self, headers: Any, receive: Any) -> Any:
-        """The whole body, or an error response: too large (chunked too) or too slow."""
+        """The whole body, or an error response: too large (chunked too), too slow (a pause
+        longer than ``header_timeout_s``, or longer than ``request_timeout_s`` in all), or
+        past the bytes all arriving bodies may hold together."""
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -96,15 +106,21 @@ class _Guard:
         async def read() -> Any:
             nonlocal size
             while True:
-                message = await receive()
+                message = await asyncio.wait_for(receive(), self.settings.header_timeout_s)
                 if message["type"] == "http.disconnect":
                     return None
                 chunk = message.get("body", b"")
                 size += len(chunk)
+                self.buffered += len(chunk)
                 if size > limit:
                     return _error(
                         "body", f"The request is larger than the {limit / 1e6:g} MB limit.", 413
                     )
+                if self.buffered > _BODY_BUDGET_BODIES * limit:
+                    return _error(
+                        "", "The server is busy receiving other requests. Try again shortly.",
+                        503, **{"Retry-After": "1"},
+                    )  # fmt: skip
                 chunks.append(chunk)
                 if not message.get("more_body"):
                     return b"".join(chunks)
@@ -113,6 +129,8 @@ class _Guard:
             body = await asyncio.wait_for(read(), self.settings.request_timeout_s)
         except asyncio.TimeoutError:
             return _error("body", "The request body did not arrive in time.", 408)
+        finally:
+            self.buffered -= size
         return body if body is not None else _error("body", "The client left.", 400)
 
 

@@ -19,8 +19,10 @@ class ServeSettings:
     Attributes:
         max_batch: Requests decoded together in one ``generate`` call, at most.
         max_wait_ms: How long the first request of a batch waits for others to join it.
-        max_queue: Requests in flight at once (reading, decoding, waiting, running); past
-            that, 503 with ``Retry-After`` before the body is read.
+        max_queue: Requests in flight at once once their body has arrived (decoding,
+            waiting, running); past that, 503 with ``Retry-After``, before the body is read
+            when the queue is already full. Bodies still arriving hold no place in it (slow
+            clients cannot fill it); together they may hold 8 times ``max_image_mb``.
         max_image_mb: The largest image accepted, uploaded or downloaded, in megabytes.
         max_image_pixels: The largest image decoded, in pixels, read from its header first.
         max_pixels_in_flight: All images held at once, in pixels: past it, 503.
@@ -28,7 +30,8 @@ class ServeSettings:
         request_timeout_s: How long a request may take from its first byte to its answer.
         shutdown_timeout_s: How long shutting down waits for requests in progress.
         header_timeout_s: How long a connection may take to send a request's headers (a
-            client that sends nothing, or a byte at a time, is disconnected).
+            client that sends nothing, or a byte at a time, is disconnected), and the longest
+            pause while it sends a body.
         max_connections: Connections open at once, at most; past that, 503.
         max_beams: The largest ``num_beams`` a request may ask for.
         max_new_tokens: The largest ``max_new_tokens`` a request may ask for.
