@@ -132,3 +132,18 @@ def test_a_ground_truth_file_is_read_as_read_coco_reads_it(tmp_path):
     (tmp_path / "gt.json").write_bytes(b"[" * 100_000)
     with pytest.raises(ValueError, match=r"gt\.json is not valid JSON"):
         evaluate_detections(tmp_path / "gt.json", {})
+
+
+def test_an_image_of_more_boxes_than_any_dataset_holds_is_refused_before_scoring():
+    # 20,000 ground-truth boxes on one image took pycocotools 34 s (twelfth hostile review).
+    from florence_helpers.training.evaluation import MAX_BOXES_PER_IMAGE
+
+    crowded = json.loads(json.dumps(GT))
+    image = crowded["images"][0]
+    extra = {"image_id": image["id"], "category_id": GT["categories"][0]["id"], "iscrowd": 0}
+    crowded["annotations"] += [
+        {**extra, "id": 10_000 + k, "bbox": [1, 1, 5, 5], "area": 25.0}
+        for k in range(MAX_BOXES_PER_IMAGE + 1)
+    ]
+    with pytest.raises(ValueError, match=r"has more than 5,000 boxes"):
+        evaluate_detections(crowded, {})

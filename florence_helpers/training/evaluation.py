@@ -155,6 +155,10 @@ def _copy_of_dataset(ground_truth: str | Path | Mapping[str, Any], class_agnosti
     return dataset
 
 
+MAX_BOXES_PER_IMAGE = 5000
+"""Ground-truth boxes one image may hold (COCO's images hold at most a few hundred)."""
+
+
 def _check_ground_truth(dataset: Mapping[str, Any], source: str) -> None:
     """Refuse what pycocotools would fail on deep inside, or score wrongly without a word:
     entries that are not objects, ids that are not ids, two images sharing an id or a file
@@ -182,6 +186,7 @@ def _check_ground_truth(dataset: Mapping[str, Any], source: str) -> None:
             problems.append(f"category #{number} is not an object with an id")
         elif not isinstance(category.get("name"), str):
             problems.append(f"category {_shown(category['id'])} has no name")
+    per_image: dict[Any, int] = {}
     for number, annotation in enumerate(dataset["annotations"]):
         where = f"annotation #{number}"
         try:
@@ -189,6 +194,13 @@ def _check_ground_truth(dataset: Mapping[str, Any], source: str) -> None:
                 raise _BadAnnotation("not an object")
             if annotation.get("image_id") not in ids:
                 raise _BadAnnotation(f"unknown image_id {_shown(annotation.get('image_id'))}")
+            count = per_image[annotation["image_id"]] = per_image.get(annotation["image_id"], 0) + 1
+            if count == MAX_BOXES_PER_IMAGE + 1:
+                raise _BadAnnotation(
+                    f"image {_shown(annotation['image_id'])} has more than "
+                    f"{MAX_BOXES_PER_IMAGE:,} boxes, which pycocotools scores in Python against "
+                    "every detection (20,000 took 34 s); split the image or sample its boxes"
+                )
             if not _is_id(annotation.get("category_id")):
                 raise _BadAnnotation(_id_error("category_id", annotation.get("category_id")))
             _numbers(annotation.get("bbox"), "its bbox", "[x, y, width, height]")
