@@ -274,3 +274,28 @@ def test_fast_beams_can_be_switched_off_with_the_same_answers(florence, photo, m
     )
     assert plain.raw == fast.raw
     np.testing.assert_allclose(plain.scores, fast.scores, atol=1e-5)
+
+
+def test_a_long_list_holds_a_bounded_number_of_images_with_the_same_answers(
+    florence, tmp_path, monkeypatch
+):
+    # Every image of a list stayed decoded: 40 copies of a 12-megapixel photo held 2.3 GB
+    # before the first token (twelfth hostile review).
+    import florence_helpers.model.held_images as held
+
+    paths = []
+    for index in range(5):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", (100 + index, 80), (index * 40, 0, 0)).save(path)
+        paths.append(path)
+    answers = [f"a dog{loc(0, 0, 500, 500)}"] * 5
+    forced = {"logits_processor": force_answers(florence.processor, answers), "batch_size": 5}
+    expected = run(florence, paths, "OD", **forced)
+    monkeypatch.setattr(held, "HELD_PIXELS", 100 * 80)  # room for one image
+    loaded = held.load_images([*paths, Image.new("RGB", (9, 9))])
+    assert not isinstance(loaded[0], held.ReadAgain)
+    assert [type(item) for item in loaded[1:5]] == [held.ReadAgain] * 4
+    assert not isinstance(loaded[5], held.ReadAgain)  # in memory already: held as given
+    assert [item.size for item in loaded[:5]] == [(100 + i, 80) for i in range(5)]
+    again = run(florence, paths, "OD", **forced)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in expected]

@@ -18,6 +18,7 @@ from ..language.regions import RegionError
 from ..language.results import AnyResult, parse_answer
 from ..language.tasks import AnswerSize, ResultKind, Task, TaskSpec, custom_task, task_spec
 from .decoding import for_rows, generate
+from .held_images import load_images, materialized
 from .loading import FlorenceModel, embed_prompts
 from .prefetch import prefetched
 from .scores import attach_scores, scored_ids
@@ -63,7 +64,9 @@ def run(
     """Run one Florence-2 task on an image, or on a list of images in padded batches.
 
     Every input is checked before the model runs: unknown task, text given to a task that
-    takes none, missing text or region, a region outside its image, an unreadable image.
+    takes none, missing text or region, a region outside its image, an unreadable image. A
+    long list is not held decoded all at once: past 100 megapixels, images from files or
+    bytes are decoded again when their batch comes (:mod:`~florence_helpers.model.held_images`).
 
     Args:
         florence: What :func:`load_model` returned.
@@ -107,7 +110,7 @@ def run(
     sources = [images] if single else list(images)
     texts = _per_image(text, len(sources), "text", is_item=lambda v: isinstance(v, str))
     regions = _per_image(region, len(sources), "region", is_item=_is_box)
-    loaded = [load_image(source) for source in sources]
+    loaded = load_images(sources)  # every image checked now, a bounded number held
     prompts = [
         build_prompt(spec, image.size, text=t, region=r)
         for image, t, r in zip(loaded, texts, regions, strict=True)
@@ -122,7 +125,8 @@ def run(
     generate_kwargs.update(num_beams=num_beams, max_new_tokens=max_new_tokens)
 
     def prepare(indices: list[int]) -> Any:
-        return _preprocess(florence, [loaded[i] for i in indices], [prompts[i] for i in indices])
+        pictures = materialized([loaded[i] for i in indices])
+        return _preprocess(florence, pictures, [prompts[i] for i in indices])
 
     results: list[AnyResult | None] = [None] * len(loaded)
     show = progress if progress is not None else len(batches) > 1
