@@ -160,13 +160,13 @@ def _holds(path: Path, kind: str) -> bool:
     """Whether an existing file holds ``kind`` (a key of :data:`HOLDS`); empty files do."""
     if path.stat().st_size == 0:
         return True
-    if kind == "image":
-        from PIL import Image
+    if kind == "image":  # opened as the images read are: their formats, structure checked
+        from .images import open_header
 
         try:
-            with Image.open(path):
+            with open_header(path, str(path)):
                 return True
-        except Exception:  # noqa: BLE001 - whatever Pillow cannot open is not an image
+        except Exception:  # noqa: BLE001 - whatever cannot be opened is not an image
             return False
     if kind == "COCO JSON":
         import json
