@@ -222,9 +222,17 @@ def _nested(depth):
         lambda state: state.update(history=[1, 2]),
         lambda state: state.update(rng=torch.zeros(3, dtype=torch.float32)),
         lambda state: state.update(optimizer={"state": 5}),
+        # Twelfth review: LambdaLR copies any key of its state into the scheduler, and AdamW
+        # keeps moments of any shape until a step fails.
+        lambda state: state["scheduler"].update(optimizer="not an optimizer"),
+        lambda state: state["scheduler"].update(base_lrs=[1.0] * 1000),
+        lambda state: next(iter(state["optimizer"]["state"].values())).update(
+            exp_avg=torch.zeros(10**6)
+        ),
+        lambda state: state["optimizer"]["param_groups"][0].update(lr="fast"),
     ],
     ids=["negative-step", "float-step", "history-bomb", "history-key", "history-list", "rng",
-         "optimizer"],
+         "optimizer", "scheduler-key", "scheduler-lrs", "moment-shape", "group-lr"],
 )  # fmt: skip
 def test_a_checkpoint_with_values_this_package_never_writes_is_refused(
     load_tiny, shapes, tmp_path, damage

@@ -30,6 +30,7 @@ from ..model.devices import cpu_has_native_bf16, cuda_half_dtype
 from ..model.loading import FlorenceModel, base_model, embed_prompts, vision_tower
 from .batches import collate, freeze_vision_tower, target_labels
 from .config import _CHECKPOINT, TrainingConfig, TrainingHistory
+from .resume_checks import resumable
 from .samples import TrainingSample
 
 
@@ -207,6 +208,8 @@ class _Checkpoint:
                 "data set (its trainable weights or sample count differ). Use another "
                 "checkpoint_dir, or pass resume=False to start over."
             )
+        if not resumable(state, optimizer, scheduler, scaler):
+            raise self._foreign()
         parameters = dict(model.named_parameters())
         try:
             with torch.no_grad():
