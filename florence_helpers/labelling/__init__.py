@@ -3,9 +3,10 @@ or on Ray Data.
 
 ``jobs`` (``label``, ``label_batch``, ``find_images``: running a job), ``files`` (the label
 file: what it holds, whether a job may write it, resuming), ``reading`` (records read back,
-COCO export), ``ray`` (the same job on Ray Data).
+COCO export), ``masks`` (SAM 2 masks in records), ``ray`` (the same job on Ray Data).
 
-Layer 4: may import ``language``, ``boundary``, ``drawing`` and ``model``; not ``serve``.
+Layer 4: may import ``language``, ``boundary``, ``drawing``, ``model``, ``training`` and
+``masks``; not ``serve``.
 
 Example:
     >>> from florence_helpers.labelling import label, read_labels

@@ -6,8 +6,9 @@ scores and the task runners.
 (reading and checking checkpoint files), ``convert``, ``convert_adapter`` and
 ``convert_output`` (remote-code checkpoints and adapters to native ones), ``adapters`` (LoRA),
 ``decoding`` (beam search shortcuts), ``scores`` (confidences), ``inference`` (``run``,
-``run_tasks``), ``detection`` (a list of classes), ``tiling`` (OCR on large pages),
-``prefetch`` (the next batch prepared on a thread).
+``run_tasks``), ``held_images`` (a long list's images, a bounded number held decoded),
+``detection`` (a list of classes), ``tiling`` (OCR on large pages), ``prefetch`` (the next
+batch prepared on a thread).
 
 Layer 2: may import ``language``, ``boundary`` and ``drawing``.
 """

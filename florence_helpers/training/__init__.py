@@ -4,7 +4,8 @@ and evaluation.
 ``samples`` (``TrainingSample``, ``TrainingSet``, targets in Florence-2's grammar), ``records``
 (the checks every record from a file passes), ``coco``, ``grounding`` (ms-swift) and ``qa``
 (the three readers), ``config`` (``TrainingConfig``, ``TrainingHistory``), ``steps`` (one
-optimisation step, caching, checkpoints), ``finetune`` (``train``, ``collate``,
+optimisation step, caching, checkpoints; ``resume_checks``: a checkpoint's states checked
+before they load), ``finetune`` (``train``, ``collate``,
 ``validation_loss``), ``evaluation`` (mAP, exact match, ANLS), ``sample_data`` (generated
 datasets for the notebooks). The adapter functions live in ``florence_helpers.model.adapters``
 and are re-exported here, where a training script looks for them.
