@@ -160,3 +160,18 @@ def test_the_matmul_rate_is_taken_from_the_encoders_own_linear_shapes(speed, tin
     assert {(k, n) for _, k, n in shapes} == {(m.in_features, m.out_features) for m in linears}
     assert shapes[0][0] == 192 * 192  # the first stage's tokens: 768 / 4 on each side
     assert speed.matmul_rate_of(shapes[:2], torch.float32, rounds=1) > 0
+
+
+def test_the_masks_benchmark_runs_on_the_tiny_architectures():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/masks_speed.py", "--architectures", "tiny", "--rounds", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processor: " in done.stdout
+    assert "Florence-2 tiny OD" in done.stdout
+    assert "SAM 2.1 test (0.5 M parameters): image encoder" in done.stdout
+    assert "segment() end to end" in done.stdout
