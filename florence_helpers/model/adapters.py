@@ -253,6 +253,9 @@ def _remove_lora_layers(model: Any, had_config: bool) -> None:
 def merge_adapter(florence: FlorenceModel) -> FlorenceModel:
     """Fold the LoRA update into the base weights: a plain Florence-2 model, as fast as before.
 
+    The folding happens in place (peft's ``merge_and_unload``): ``florence`` itself loses its
+    LoRA layers, so save the adapter (:func:`save_adapter`) before merging if you need it.
+
     The merged model keeps the adapter's identity in ``merged_adapter`` (its fingerprint;
     merged again, the fingerprint of both), so :func:`adapter_fingerprint` still tells it
     from the base checkpoint and from other merges.
