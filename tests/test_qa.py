@@ -162,3 +162,30 @@ def test_lora_learns_the_receipt_questions_by_heart(load_tiny, tmp_path, seed):
     assert np.isfinite(history.losses).all()
     assert after.exact_match == 1.0 > before.exact_match
     assert after.anls == 1.0 and after.cer == 0.0
+
+
+def test_a_link_planted_in_images_dir_is_never_written_through(tmp_path):
+    # A dangling link named as the image's content hash made read_qa create a file wherever
+    # it pointed (thirteenth hostile review).
+    import hashlib
+    import io
+    import os
+
+    from florence_helpers.boundary.images import to_rgb, upright
+    from florence_helpers.training import read_qa
+    from florence_helpers.training.samples import AnnotationError
+
+    picture = Image.new("RGB", (32, 32), (200, 10, 10))
+    raw = io.BytesIO()
+    picture.save(raw, format="PNG")
+    written = io.BytesIO()
+    to_rgb(upright(picture)).save(written, format="PNG")
+    name = hashlib.sha256(written.getvalue()).hexdigest()[:32] + ".png"
+    images, victim = tmp_path / "images", tmp_path / "outside" / "target.png"
+    images.mkdir()
+    victim.parent.mkdir()
+    os.symlink(victim, images / name)
+    rows = [{"image": {"bytes": raw.getvalue()}, "question": "what?", "answer": "red"}]
+    with pytest.raises(AnnotationError, match="symbolic link, which is not followed"):
+        read_qa(rows, images_dir=images)
+    assert not victim.exists()

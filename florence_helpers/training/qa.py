@@ -259,8 +259,13 @@ def _write_image(image: Image.Image, root: Path) -> Path:
         raise _BadAnnotation(f"the image cannot be written as PNG ({error!r})") from None
     data = buffer.getvalue()
     path = root / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if path.is_symlink():  # a planted link would lead the write outside the folder
+        raise _BadAnnotation(
+            f"{path} is a symbolic link, which is not followed: give images_dir a folder of "
+            "its own"
+        )
     try:  # a file larger than this image cannot hold the same bytes
-        existing: bytes | None = read_file(path, max_bytes=len(data))
+        existing: bytes | None = read_file(path, max_bytes=len(data), follow_links=False)
     except FileNotFoundError:
         existing = None
     except InputError as error:
@@ -269,7 +274,7 @@ def _write_image(image: Image.Image, root: Path) -> Path:
         ) from None
     if existing is None:
         try:
-            write_atomically(path, data)
+            write_atomically(path, data, follow_links=False)
         except OutputError as error:
             raise _BadAnnotation(str(error)) from None
     elif existing != data:
