@@ -221,3 +221,36 @@ def test_sam2_processor_and_the_torch_path_give_the_same_tensors(sam, street):
     ours = sam_inputs(SamModel(sam.model, None, sam.model_id), street, boxes)
     torch.testing.assert_close(ours["input_boxes"], theirs["input_boxes"])
     torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"], atol=1e-5, rtol=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    density=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_run_lengths_read_back_as_pycocotools_decodes_them(height, width, density, seed):
+    from pycocotools import mask as coco_mask
+
+    from florence_helpers.masks.results import rle_runs, to_rle
+
+    mask = np.random.default_rng(seed).random((height, width)) < density
+    rle = to_rle(mask)
+    runs = rle_runs(rle["counts"])
+    assert sum(runs) == height * width
+    decoded = coco_mask.decode({**rle, "counts": rle["counts"].encode()})
+    rebuilt = np.repeat(np.arange(len(runs)) % 2, runs).astype(bool)
+    assert np.array_equal(rebuilt, decoded.ravel(order="F").astype(bool))
+
+
+def test_more_mask_pixels_than_allowed_are_refused_before_any_are_made(sam, street, monkeypatch):
+    # 100 boxes on a 3000x3000 image held 858 MiB of masks, twice at the peak (thirteenth
+    # hostile review).
+    import florence_helpers.masks.prompts as prompts
+
+    monkeypatch.setattr(prompts, "MAX_MASK_PIXELS", 2 * 320 * 180)
+    boxes = np.array([[10, 10, 100, 90]] * 3, np.float32)
+    with pytest.raises(TaskInputError, match="3 masks of 320x180 pixels would take"):
+        predict_masks(sam, street, boxes)
+    assert predict_masks(sam, street, boxes[:2])[0].shape == (2, 180, 320)

@@ -95,6 +95,11 @@ def test_a_task_without_boxes_is_refused_before_anything_is_written(
         (lambda r: r["masks"][0].update(counts=5), "counts are not"),
         (lambda r: r.update(mask_scores=["high", 0.5]), "mask_scores are not numbers"),
         (lambda r: r.update(mask_scores=[0.5]), "two lists of one length"),
+        # Thirteenth review: runs that do not cover the image, and fewer masks than boxes.
+        (lambda r: r["masks"][0].update(counts=_counts([10**9, 1])), "image's pixels"),
+        (lambda r: r["masks"][0].update(counts=_counts([0, 1])), "image's pixels"),
+        (lambda r: r["masks"][0].update(counts="0"), "image's pixels"),
+        (lambda r: r.update(masks=r["masks"][:1], mask_scores=[0.5]), "1 masks for 2 boxes"),
     ],
 )
 def test_damaged_masks_in_a_label_file_are_named_by_line(
@@ -111,6 +116,20 @@ def test_damaged_masks_in_a_label_file_are_named_by_line(
         read_labels(out)
     with pytest.warns(UserWarning, match="Skipped"):
         assert len(read_labels(out, on_error="skip")) == 1
+
+
+def _counts(runs: list[int]) -> str:
+    """pycocotools' compressed counts text for these runs (its rleToString, in Python)."""
+    text = []
+    for index, run in enumerate(runs):
+        value = run - runs[index - 2] if index > 2 else run
+        more = True
+        while more:
+            code = value & 0x1F
+            value >>= 5
+            more = not ((code & 0x10 == 0 and value == 0) or (code & 0x10 and value == -1))
+            text.append(chr(code + (0x20 if more else 0) + 48))
+    return "".join(text)
 
 
 def _cli(*args, env):

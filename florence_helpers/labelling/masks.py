@@ -18,8 +18,8 @@ import numpy as np
 from ..language.prompts import TaskInputError
 from ..language.results import BoxesResult
 from ..language.tasks import ResultKind, TaskSpec
-from ..masks.prompts import predict_masks
-from ..masks.results import rle_area, to_rle
+from ..masks.prompts import mask_at_size, mask_logits
+from ..masks.results import rle_runs, to_rle
 from ..masks.sam import SamModel
 from .files import model_key, weights_key
 
@@ -57,12 +57,13 @@ def check_masks_task(spec: TaskSpec, classes: Sequence[str] | None) -> None:
 
 
 def mask_fields(sam: SamModel, image: Any, result: BoxesResult) -> dict[str, Any]:
-    """``masks`` and ``mask_scores`` for one record: one per box, in the boxes' order."""
-    masks, quality = predict_masks(sam, image, np.asarray(result.boxes, dtype=np.float32))
-    return {
-        "masks": [to_rle(mask) for mask in masks],
-        "mask_scores": [round(float(q), 6) for q in quality],
-    }
+    """``masks`` and ``mask_scores`` for one record: one per box, in the boxes' order, each
+    encoded as soon as it is made (one mask at the image's size held at a time)."""
+    masks, scores = [], []
+    for logits, quality in mask_logits(sam, image, np.asarray(result.boxes, dtype=np.float32)):
+        masks += [to_rle(mask_at_size(logit, image.size)) for logit in logits]
+        scores += [round(float(q), 6) for q in quality]
+    return {"masks": masks, "mask_scores": scores}
 
 
 def masks_problem(entry: dict[str, Any]) -> str | None:
@@ -73,15 +74,19 @@ def masks_problem(entry: dict[str, Any]) -> str | None:
         return None
     if not isinstance(masks, list) or not isinstance(scores, list) or len(masks) != len(scores):
         return "its masks and mask_scores are not two lists of one length"
+    result = entry.get("result")
+    boxes = result.get("boxes") if isinstance(result, dict) else None
+    if isinstance(boxes, list) and len(boxes) != len(masks):
+        return f"it holds {len(masks)} masks for {len(boxes)} boxes"
     size = [entry.get("height"), entry.get("width")]
     for mask in masks:
         if not isinstance(mask, dict) or mask.get("size") != size:
             return "a mask is not a run-length encoding of the image's size"
-        try:
-            if not isinstance(mask.get("counts"), str) or rle_area(mask) > size[0] * size[1]:
-                return "a mask's counts are not a run-length encoding of the image's size"
-        except (ValueError, TypeError):
-            return "a mask's counts are not a run-length encoding"
+        if (
+            rle_runs(mask.get("counts")) is None
+            or sum(rle_runs(mask["counts"])) != size[0] * size[1]
+        ):
+            return "a mask's counts are not a run-length encoding of the image's pixels"
     if not all(_is_number(score) for score in scores):
         return "its mask_scores are not numbers"
     return None

@@ -19,12 +19,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..language.prompts import TaskInputError
 from .sam import SamModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BOXES_PER_PASS = 32
 """Boxes decoded together: each adds its low-resolution mask logits and its attention."""
+MAX_MASK_PIXELS = 2**30
+"""The most mask pixels :func:`predict_masks` holds for one image (a byte each): 1 GB, 80
+masks of a 12-megapixel photo."""
 
 
 def image_tensor(image: Image.Image, side: int) -> torch.Tensor:
@@ -69,35 +73,66 @@ def masks_at_size(logits: torch.Tensor, image_size: tuple[int, int]) -> np.ndarr
     width, height = image_size
     masks = np.zeros((len(logits), height, width), dtype=bool)
     for index, logit in enumerate(logits):
-        upsampled = F.interpolate(
-            logit[None, None].float(), (height, width), mode="bilinear", align_corners=False
-        )
-        masks[index] = (upsampled[0, 0] > 0).numpy()
+        masks[index] = mask_at_size(logit, image_size)
     return masks
 
 
+def mask_at_size(logit: torch.Tensor, image_size: tuple[int, int]) -> np.ndarray:
+    """One boolean ``(height, width)`` mask from its low-resolution logits ``(h, w)``."""
+    width, height = image_size
+    upsampled = F.interpolate(
+        logit[None, None].float(), (height, width), mode="bilinear", align_corners=False
+    )
+    return (upsampled[0, 0] > 0).numpy()
+
+
 @torch.inference_mode()
+def mask_logits(
+    sam: SamModel, image: Image.Image, boxes: np.ndarray
+) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """Low-resolution mask logits ``(n, h, w)`` and SAM 2's predicted IoU ``(n,)``, for
+    :data:`BOXES_PER_PASS` boxes at a time: the image is encoded once, each box decoded to one
+    mask (``multimask_output=False``, as SAM 2's own predictor does for a box)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if len(boxes) == 0:
+        return
+    inputs = sam_inputs(sam, image, boxes)
+    pixel_values = inputs["pixel_values"].to(sam.device, sam.dtype)
+    embeddings = sam.model.get_image_embeddings(pixel_values)
+    for chunk in _chunks(inputs["input_boxes"].to(sam.device), BOXES_PER_PASS):
+        output = sam.model(image_embeddings=embeddings, input_boxes=chunk, multimask_output=False)
+        yield output.pred_masks[0, :, 0].cpu(), output.iou_scores[0, :, 0].float().cpu().numpy()
+
+
 def predict_masks(
     sam: SamModel, image: Image.Image, boxes: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """One mask per box at the image's size, and SAM 2's predicted IoU for each.
 
-    The image is encoded once; the boxes are decoded :data:`BOXES_PER_PASS` at a time, one
-    mask each (``multimask_output=False``, as SAM 2's own predictor does for a box).
+    Raises:
+        TaskInputError: The masks would hold more than :data:`MAX_MASK_PIXELS` pixels (a
+            boolean each): ask for fewer boxes, or write them run-length encoded one at a time
+            with ``label(..., sam=...)``.
     """
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
     width, height = image.size
-    if len(boxes) == 0:
-        return np.zeros((0, height, width), dtype=bool), np.zeros(0, dtype=np.float32)
-    inputs = sam_inputs(sam, image, boxes)
-    pixel_values = inputs["pixel_values"].to(sam.device, sam.dtype)
-    embeddings = sam.model.get_image_embeddings(pixel_values)
-    masks, quality = [], []
-    for chunk in _chunks(inputs["input_boxes"].to(sam.device), BOXES_PER_PASS):
-        output = sam.model(image_embeddings=embeddings, input_boxes=chunk, multimask_output=False)
-        masks.append(masks_at_size(output.pred_masks[0, :, 0].cpu(), image.size))
-        quality.append(output.iou_scores[0, :, 0].float().cpu().numpy())
-    return np.concatenate(masks), np.concatenate(quality).astype(np.float32)
+    if len(boxes) * width * height > MAX_MASK_PIXELS:
+        raise TaskInputError(
+            f"{len(boxes)} masks of {width}x{height} pixels would take "
+            f"{len(boxes) * width * height / 2**30:.1f} GB, more than the "
+            f"{MAX_MASK_PIXELS / 2**30:.0f} GB allowed: segment fewer boxes at a time "
+            "(boxes=found[:20]), or label(..., sam=...), which writes each mask run-length "
+            "encoded as it is made."
+        )
+    masks = np.zeros((len(boxes), height, width), dtype=bool)
+    quality = np.zeros(len(boxes), dtype=np.float32)
+    done = 0
+    for logits, chunk_quality in mask_logits(sam, image, boxes):
+        for logit in logits:
+            masks[done] = mask_at_size(logit, image.size)
+            done += 1
+        quality[done - len(logits) : done] = chunk_quality
+    return masks, quality
 
 
 def _chunks(boxes: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

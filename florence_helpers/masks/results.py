@@ -152,6 +152,45 @@ def from_rle(rle: Mapping[str, Any]) -> np.ndarray:
     return coco_mask.decode(encoded).astype(bool)
 
 
+def rle_runs(counts: Any) -> list[int] | None:
+    """The runs of a compressed COCO run-length encoding (pycocotools' ``counts`` text), or
+    None unless it is one: every run a whole number of at least 0.
+
+    The runs alternate background and mask, starting with background; a mask of ``height x
+    width`` pixels has runs that add up to exactly ``height * width``. Read as pycocotools'
+    ``rleFrString`` reads them: six bits a character from ``'0'``, five of them value, the
+    sixth "more", a sign bit in the last, each run after the second relative to the run
+    two before.
+
+    Example:
+        >>> rle_runs(to_rle(np.array([[0, 1], [1, 1]], dtype=bool))["counts"])
+        [1, 3]
+    """
+    if not isinstance(counts, str) or not counts.isascii():
+        return None
+    runs: list[int] = []
+    at = 0
+    while at < len(counts):
+        value, shift, more = 0, 0, True
+        while more:
+            if at >= len(counts):
+                return None  # cut short in the middle of a run
+            code = ord(counts[at]) - 48
+            if not 0 <= code < 64:
+                return None
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            at, shift = at + 1, shift + 5
+            if not more and code & 0x10:
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+    return runs
+
+
 def rle_area(rle: Mapping[str, Any]) -> int:
     """The pixels inside a COCO run-length encoded mask, without decoding it."""
     from pycocotools import mask as coco_mask

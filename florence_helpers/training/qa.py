@@ -261,8 +261,7 @@ def _write_image(image: Image.Image, root: Path) -> Path:
     path = root / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
     if path.is_symlink():  # a planted link would lead the write outside the folder
         raise _BadAnnotation(
-            f"{path} is a symbolic link, which is not followed: give images_dir a folder of "
-            "its own"
+            f"{path} is a symbolic link, which is not followed: give images_dir a folder of its own"
         )
     try:  # a file larger than this image cannot hold the same bytes
         existing: bytes | None = read_file(path, max_bytes=len(data), follow_links=False)
