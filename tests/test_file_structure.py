@@ -210,3 +210,14 @@ def test_damaged_files_give_an_answer_never_an_exception(kind, cut, at, noise):
     problem = structure_problem(handle)
     assert problem is None or isinstance(problem, str)
     assert handle.tell() == 0
+
+
+def test_exif_given_as_a_png_text_chunk_is_checked_too():
+    # Pillow's getexif reads a "Raw profile type exif" text chunk (hex) when there is no eXIf
+    # chunk (thirteenth review's note).
+    bomb = _exif_with_a_huge_tag(300_000)
+    text = f"\nexif\n{len(bomb)}\n{bomb.hex()}"
+    hostile = _png_with(before_pixels=_chunk(b"tEXt", b"Raw profile type exif\0" + text.encode()))
+    assert "Raw profile type exif" in Image.open(io.BytesIO(hostile)).info
+    with pytest.raises(ImageLoadError, match="EXIF data with a TIFF tag"):
+        load_image(hostile)

@@ -385,6 +385,12 @@ def check_exif(image: Image.Image, name: str = "the image") -> None:
         ImageLoadError: The EXIF data holds more values than any camera writes.
     """
     exif = image.info.get("exif")
+    raw = image.info.get("Raw profile type exif")  # hex in a PNG text chunk, read by getexif
+    if exif is None and isinstance(raw, str):
+        try:
+            exif = bytes.fromhex("".join(raw.split("\n")[3:]))
+        except ValueError:
+            exif = None
     problem = exif_problem(exif) if isinstance(exif, bytes) else None
     if problem is not None:
         raise ImageLoadError(f"Did not read {name}: it holds {problem}; re-save it without it.")
