@@ -221,3 +221,27 @@ def test_exif_given_as_a_png_text_chunk_is_checked_too():
     assert "Raw profile type exif" in Image.open(io.BytesIO(hostile)).info
     with pytest.raises(ImageLoadError, match="EXIF data with a TIFF tag"):
         load_image(hostile)
+
+
+def _exif_with_a_huge_interop_tag(values: int) -> bytes:
+    """EXIF (little-endian TIFF) of Orientation 6, whose EXIF directory points to an Interop
+    directory holding one (private) tag of ``values`` numbers."""
+    ifd0 = 8
+    exif_ifd = ifd0 + 2 + 2 * 12 + 4
+    interop = exif_ifd + 2 + 12 + 4
+    data = interop + 2 + 12 + 4
+    out = b"II*\0" + struct.pack("<I", ifd0)
+    out += struct.pack("<H", 2) + struct.pack("<HHII", 274, 3, 1, 6)
+    out += struct.pack("<HHII", 34665, 4, 1, exif_ifd) + struct.pack("<I", 0)
+    out += struct.pack("<H", 1) + struct.pack("<HHII", 40965, 4, 1, interop) + struct.pack("<I", 0)
+    out += struct.pack("<H", 1) + struct.pack("<HHII", 0x9999, 4, values, data)
+    return out + struct.pack("<I", 0) + struct.pack("<I", 7) * values
+
+
+def test_an_interop_directory_of_millions_of_values_is_refused(tmp_path):
+    # Pillow reads the Interop directory when it turns an image by its EXIF orientation: 2
+    # million values in a 16 MB PNG took 7.7 s (fourteenth hostile review).
+    ordinary = _png_with(exif=_exif_with_a_huge_interop_tag(2))
+    assert load_image(ordinary).size == (2, 2)  # turned by 90 degrees: still 2x2
+    hostile = _png_with(exif=_exif_with_a_huge_interop_tag(300_000))
+    _refused(hostile, r"EXIF data with a TIFF tag \(39321\) of 300,000 values", tmp_path)

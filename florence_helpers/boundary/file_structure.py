@@ -33,7 +33,7 @@ MAX_TAGS = 4096
 MAX_DIRECTORIES = 64
 """The most directories (pages, EXIF, GPS) walked."""
 _OFFSET_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
-_POINTER_TAGS = (34665, 34853)  # the EXIF and GPS directories, which Pillow also reads
+_POINTER_TAGS = (34665, 34853, 40965)  # EXIF, GPS and Interop directories: Pillow reads them
 _TIFF_WHY = (
     ", which Pillow reads value by value before the image's size is known (2.4 million took 10 s)"
 )
