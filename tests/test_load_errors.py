@@ -499,6 +499,26 @@ def test_a_pickled_adapter_of_repeated_views_is_refused_before_peft_allocates(
         load_adapter(florence, adapter_copy)
 
 
+def test_one_large_tensor_cannot_vouch_for_the_rank_of_every_module(
+    load_tiny, adapter_copy, monkeypatch
+):
+    # A 0.4 MB adapter: r=400,000 on the attention layers and one (400000, 1) uint8 lora_A.
+    # The rank check took the largest saved rank; peft then asked for ~13 GB on the tiny
+    # model, ~370 GB on Florence-2-base (fourteenth hostile review).
+    import peft
+
+    weights = adapter_copy / "adapter_model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if "lora_A" in k)
+    save_file({name: torch.zeros(400_000, 1, dtype=torch.uint8)}, weights)
+    config = json.loads((adapter_copy / "adapter_config.json").read_text())
+    (adapter_copy / "adapter_config.json").write_text(json.dumps({**config, "r": 400_000}))
+    florence = load_tiny()
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", lambda *a, **k: pytest.fail("built"))
+    with pytest.raises(AdapterError, match=r"asks for LoRA matrices of about [\d,]+ numbers"):
+        load_adapter(florence, adapter_copy)
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_1000000000"])
 def test_loading_never_runs_an_initialisation_that_rewrites_the_base_weights(
     load_tiny, adapter_copy, saved_adapter, init

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -140,8 +141,14 @@ def load_adapter(
     weights, settings = _check_adapter_folder(folder)
     shapes = _saved_weight_shapes(weights)
     _check_ranks(folder, settings, shapes)
-    match_module_patterns(
-        settings, _names_peft_matches(florence.model), folder / "adapter_config.json"
+    names = _names_peft_matches(florence.model)
+    matches = match_module_patterns(settings, names, folder / "adapter_config.json")
+    _check_allocation(
+        folder,
+        settings,
+        shapes,
+        dict(zip(names, _targeted(matches, names), strict=True)),
+        florence.model,
     )
     saved = set(shapes)
     had_config = "peft_config" in vars(florence.model)
@@ -177,6 +184,48 @@ def load_adapter(
         raise
     folders = (*florence.adapter_folders, str(folder))
     return dataclasses.replace(florence, model=model.eval(), adapter_folders=folders)
+
+
+def _targeted(matches: dict[str, list[int | None]], names: list[str]) -> list[bool]:
+    """Per name, whether the adapter's target_modules take it and exclude_modules do not."""
+    targets = matches.get("target_modules") or [None] * len(names)
+    excluded = matches.get("exclude_modules") or [None] * len(names)
+    return [t is not None and e is None for t, e in zip(targets, excluded, strict=True)]
+
+
+def _check_allocation(
+    folder: Path,
+    settings: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    targeted: dict[str, bool],
+    model: Any,
+) -> None:
+    """Refuse, before peft allocates anything, an adapter whose LoRA matrices would take far
+    more than its weight file holds: peft makes ``r x (in + out)`` numbers for every module
+    its patterns take, so one large tensor and a wide pattern (a 0.4 MB file, rank 400,000 on
+    every attention layer) asked for hundreds of gigabytes.
+
+    The estimate takes the largest rank for every module the patterns match; a file holding
+    the matrices it describes passes (at least 8 times its numbers, or 64 M, are allowed).
+    """
+    rank = max([settings.get("r") or 1, *(settings.get("rank_pattern") or {}).values()])
+    modules = dict(model.named_modules())
+    cost = 0
+    for name, taken in targeted.items():
+        weight = getattr(modules.get(name), "weight", None)
+        if taken and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            cost += rank * (weight.shape[0] + math.prod(weight.shape[1:]))
+    saved = sum(math.prod(shape) for shape in shapes.values())
+    if cost > max(_ALLOCATION_PER_SAVED * saved, _ALLOCATION_FLOOR):
+        raise AdapterError(
+            f"{folder / 'adapter_config.json'} asks for LoRA matrices of about {cost:,} numbers "
+            f"(rank {rank} on the modules its patterns take), but its weight file holds "
+            f"{saved:,}: the configuration does not belong to these weights."
+        )
+
+
+_ALLOCATION_PER_SAVED = 8
+_ALLOCATION_FLOOR = 2**26
 
 
 def _names_peft_matches(model: Any) -> list[str]:
