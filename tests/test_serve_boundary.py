@@ -8,6 +8,7 @@ under test (what is refused must never reach the model).
 import base64
 import concurrent.futures
 import io
+import json
 import socket
 import threading
 import time
@@ -557,6 +558,27 @@ def test_slow_bodies_hold_no_place_in_the_queue_and_a_long_pause_ends_one(floren
         for connection in slow:
             connection.close()
         server.stop()
+
+
+def test_a_json_body_of_many_containers_is_refused_before_it_is_parsed(florence, calls):
+    # 26 MB of [{}, {}, ...] beside an image became 0.6 GB of Python objects per request
+    # (fourteenth hostile review); only the strings may be large.
+    image = base64.b64encode(picture()).decode()
+    with running_server(florence) as url:
+        padded = httpx.post(
+            f"{url}/v1/run",
+            content=json.dumps({"task": "CAPTION", "image": image, "pad": [{}] * 200_000}),
+            headers={"content-type": "application/json"},
+            timeout=TIMEOUT,
+        )
+        assert padded.status_code == 400
+        assert "more than a request's fields" in error_of(padded)["message"]
+        plain = httpx.post(
+            f"{url}/v1/run",
+            json={"task": "CAPTION", "image": image, "note": "x" * 100_000, "max_new_tokens": 2},
+            timeout=TIMEOUT,
+        )
+        assert plain.status_code == 200  # unknown fields are left out, large strings are fine
 
 
 def test_a_body_sent_to_another_path_is_not_read(florence, calls):
