@@ -230,9 +230,13 @@ def _nested(depth):
             exp_avg=torch.zeros(10**6)
         ),
         lambda state: state["optimizer"]["param_groups"][0].update(lr="fast"),
+        lambda state: next(iter(state["optimizer"]["state"].values())).update(
+            exp_avg=torch.tensor(0.0)
+        ),  # a scalar moment: the first step after resuming failed inside AdamW
     ],
     ids=["negative-step", "float-step", "history-bomb", "history-key", "history-list", "rng",
-         "optimizer", "scheduler-key", "scheduler-lrs", "moment-shape", "group-lr"],
+         "optimizer", "scheduler-key", "scheduler-lrs", "moment-shape", "group-lr",
+         "scalar-moment"],
 )  # fmt: skip
 def test_a_checkpoint_with_values_this_package_never_writes_is_refused(
     load_tiny, shapes, tmp_path, damage

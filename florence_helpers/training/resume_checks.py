@@ -72,8 +72,10 @@ def _optimizer_matches(saved: Any, optimizer: Any) -> bool:
         and isinstance(entry, dict)
         and entry.keys() <= _ADAMW_STATE
         and all(
-            isinstance(value, torch.Tensor) and value.shape in (shapes[key], torch.Size([]))
-            for value in entry.values()
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.shape == (torch.Size([]) if name == "step" else shapes[key])
+            for name, value in entry.items()
         )
         for key, entry in moments.items()
     )
