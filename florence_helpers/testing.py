@@ -15,9 +15,10 @@ Run ``python -m florence_helpers.testing DIR`` to write the tiny model to ``DIR`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +188,6 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
         >>> tiny = build_tiny_model("/tmp/tiny-florence2")  # doctest: +SKIP
         >>> florence = load_model(tiny)  # doctest: +SKIP
     """
-    from transformers.utils import logging as hf_logging
 
     out = Path(path)
     processor = build_processor(_TINY_IMAGE_SIDE)
@@ -233,14 +233,22 @@ def build_tiny_model(path: str | os.PathLike, *, seed: int = 0) -> Path:
             "Its answers are noise. It exists to test code offline.\n"
         )
 
+    with _no_progress_bars():
+        return write_model_folder(out, write)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off while a tiny model is written, as they were after."""
+    from transformers.utils import logging as hf_logging
+
     bars_were_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        out = write_model_folder(out, write)
+        yield
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
-    return out
 
 
 _TINY_SAM_SIDE = 128
@@ -287,15 +295,8 @@ def build_tiny_sam(path: str | os.PathLike, *, seed: int = 0) -> Path:
             "Its masks are noise. It exists to test code offline.\n"
         )
 
-    from transformers.utils import logging as hf_logging
-
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with _no_progress_bars():
         return write_model_folder(Path(path), write)
-    finally:
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
 
 
 def _tiny_sam_config(side: int) -> Any:

@@ -259,13 +259,7 @@ def to_supervision(result: BoxesResult | PolygonsResult | OCRResult) -> Any:
     Example:
         >>> detections = to_supervision(run(florence, "images/cat.jpg", "OD"))  # doctest: +SKIP
     """
-    try:
-        import supervision as sv
-    except ImportError:
-        raise ImportError(
-            "to_supervision needs the optional 'supervision' package: "
-            'pip install "florence-helpers[supervision]" (or pip install supervision).'
-        ) from None
+    sv = supervision_module()
     instances = list(_instances(result))
     labels = [label for label, _, _ in instances]
     ids = coco_categories(labels)
@@ -279,6 +273,18 @@ def to_supervision(result: BoxesResult | PolygonsResult | OCRResult) -> Any:
     if isinstance(result, PolygonsResult):
         kwargs["mask"] = to_masks(result)
     return sv.Detections(**kwargs)
+
+
+def supervision_module() -> Any:
+    """The optional ``supervision`` package, or an ImportError saying how to install it."""
+    try:
+        import supervision
+    except ImportError:
+        raise ImportError(
+            "to_supervision needs the optional 'supervision' package: "
+            'pip install "florence-helpers[supervision]" (or pip install supervision).'
+        ) from None
+    return supervision
 
 
 def _instances(result: AnyResult) -> Iterable[tuple[str, list[float], list[list[float]] | None]]:

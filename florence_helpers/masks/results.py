@@ -11,7 +11,7 @@ from PIL import Image
 
 from ..boundary.images import ImageSource, load_image
 from ..boundary.inputs import DEFAULT_MAX_PIXELS
-from ..drawing.conversions import coco_categories, cutout
+from ..drawing.conversions import coco_categories, cutout, supervision_module
 from ..drawing.plotting import label_color
 from ..language.regions import xyxy_to_xywh
 from ..language.results import _Instances
@@ -103,13 +103,7 @@ class MasksResult(_Instances):
 
         Requires the optional ``supervision`` package.
         """
-        try:
-            import supervision as sv
-        except ImportError:
-            raise ImportError(
-                "to_supervision needs the optional 'supervision' package: "
-                'pip install "florence-helpers[supervision]" (or pip install supervision).'
-            ) from None
+        sv = supervision_module()
         ids = coco_categories(self.labels)
         width, height = self.image_size
         return sv.Detections(
