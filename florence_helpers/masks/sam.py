@@ -19,7 +19,7 @@ import torch
 
 from ..boundary.inputs import MAX_CONFIG_FILE_BYTES, expand_path, read_file
 from ..model.devices import cuda_half_dtype, resolve_device, resolve_dtype
-from ..model.loading import ModelNotAvailableError
+from ..model.loading import ModelNotAvailableError, _hub_reachable
 
 DEFAULT_SAM_ID = "facebook/sam2.1-hiera-tiny"
 """The SAM 2 checkpoint :func:`load_sam` loads when none is named (39 M parameters)."""
@@ -34,8 +34,6 @@ SAM_CHECKPOINTS = (
 
 SAM_ENV_VAR = "SAM_MODEL"
 """Environment variable that may name a SAM 2 hub id or a local directory."""
-
-_HUB_PROBE_TIMEOUT_S = 10
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +176,7 @@ def _local_only(name: str) -> bool:
         raise ModelNotAvailableError(f"No SAM 2 checkpoint directory at {path}.")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
-    import huggingface_hub
-
-    try:
-        huggingface_hub.model_info(name, timeout=_HUB_PROBE_TIMEOUT_S)
-    except huggingface_hub.errors.RepositoryNotFoundError as error:
-        raise ModelNotAvailableError(
-            f"There is no model {name!r} on the Hugging Face Hub (or it is private). "
-            f"SAM 2.1 checkpoints: {', '.join(SAM_CHECKPOINTS)}."
-        ) from error
-    except Exception:  # noqa: BLE001 - any transport failure means: use the local cache
-        return True
-    return False
+    return not _hub_reachable(name, f"SAM 2.1 checkpoints: {', '.join(SAM_CHECKPOINTS)}.")
 
 
 def _model_type(config: Path) -> str | None:

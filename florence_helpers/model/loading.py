@@ -378,16 +378,22 @@ def _check_layout(path: Path) -> None:
         )
 
 
-def _hub_reachable(name: str) -> bool:
-    """One quick request to the hub, so an offline machine fails in seconds, not minutes."""
+def _hub_reachable(
+    name: str, known: str = f"Native Florence-2 checkpoints: {', '.join(CHECKPOINTS)}."
+) -> bool:
+    """One quick request to the hub, so an offline machine fails in seconds, not minutes.
+
+    Raises:
+        ModelNotAvailableError: The hub answered that there is no such model; ``known``
+            (the checkpoints to use instead) ends the message.
+    """
     import huggingface_hub
 
     try:
         huggingface_hub.model_info(name, timeout=_HUB_PROBE_TIMEOUT_S)
     except huggingface_hub.errors.RepositoryNotFoundError as error:
         raise ModelNotAvailableError(
-            f"There is no model {name!r} on the Hugging Face Hub (or it is private). "
-            f"Native Florence-2 checkpoints: {', '.join(CHECKPOINTS)}."
+            f"There is no model {name!r} on the Hugging Face Hub (or it is private). {known}"
         ) from error
     except Exception:  # noqa: BLE001 - any transport failure means: go offline
         return False
